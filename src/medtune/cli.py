@@ -1,0 +1,246 @@
+"""The ``medtune`` command: one parser, each subcommand mapped to a plain function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from medtune import __version__
+
+log = logging.getLogger("medtune")
+
+
+def _quiet_libraries() -> None:
+    # Keep library chatter out of the user's console; real warnings still go through logging.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+# ---- convert -------------------------------------------------------------------------------------
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert a raw data set file to validated records."""
+    from medtune.data.cmexam import convert_cmexam, default_rejects_path
+
+    result = convert_cmexam(args.input, args.out, on_invalid=args.on_invalid, rejects_path=args.rejects)
+    print(f"{args.input}: {result.n_rows} rows → {len(result.records)} records written to {args.out}")
+    if result.rejects:
+        rejects = args.rejects or default_rejects_path(args.out)
+        print(f"  {len(result.rejects)} rows rejected (reasons in {rejects})")
+    print(f"  {result.n_missing_explanation} records without an explanation (kept)")
+    return 0
+
+
+# ---- train -----------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fine-tune from a YAML recipe plus key=value overrides."""
+    from medtune.config import load_config
+    from medtune.train import sft
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = sft.run(cfg, resume=not args.no_resume)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+# ---- predict -----------------------------------------------------------------------------------------
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Generate answers for a records file, resumably."""
+    from medtune.data.exam import load_exam_file
+    from medtune.inference.base import GenerationParams
+    from medtune.inference.hf import HFBackend
+    from medtune.inference.predict import predict, resolve_run
+    from medtune.models import load_for_inference
+    from medtune.templates import get_template
+
+    if bool(args.run) == bool(args.model):
+        raise SystemExit("predict: give either --run RUN_DIR or --model PATH")
+    if args.run:
+        art = resolve_run(args.run)
+        model_path, adapter, template = art.model_path, art.adapter_path, art.template
+        dtype, trust = art.dtype, art.trust_remote_code
+        if args.template:
+            raise SystemExit("predict: --template conflicts with --run (the run's saved template is used)")
+    else:
+        model_path, adapter = args.model, args.adapter
+        template = get_template(args.template or "qa")
+        dtype, trust = args.dtype, args.trust_remote_code
+    records, _ = load_exam_file(args.data)
+    if args.limit:
+        records = records[: args.limit]
+    model, tokenizer = load_for_inference(model_path, adapter, dtype=dtype, trust_remote_code=trust)
+    stats = predict(
+        records,
+        HFBackend(model, tokenizer),
+        template,
+        args.out,
+        GenerationParams(max_new_tokens=args.max_new_tokens),
+        batch_size=args.batch_size,
+        tokenizer=tokenizer,
+    )
+    print(f"{args.out}: {stats['predicted']} predicted, {stats['already_done']} already there "
+          f"(template {template.name})")
+    return 0
+
+
+# ---- evaluate ---------------------------------------------------------------------------------------
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score predictions with the CMExam metrics."""
+    from medtune.evaluation.evaluate import evaluate
+    from medtune.report.markdown import load_eval, results_table
+
+    evaluate(args.predictions, args.out, parser=args.parser, template=args.template, tokenizer=args.tokenizer)
+    print(results_table([load_eval(args.out)], paper=False))
+    print(f"results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+# ---- report -------------------------------------------------------------------------------------------
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write report.md comparing evaluation directories."""
+    from medtune.report.markdown import write_report
+
+    out = write_report(args.eval_dirs, args.out, samples=args.samples)
+    print(f"report: {out}")
+    return 0
+
+
+# ---- init-tiny-model -----------------------------------------------------------------------------------
+def cmd_init_tiny_model(args: argparse.Namespace) -> int:
+    """Build the random-weight tiny model used by tests and the quickstart."""
+    from medtune.data.exam import load_exam_file
+    from medtune.models import build_tiny_model, tokenizer_corpus
+    from medtune.quickstart import sample_path
+
+    records, _ = load_exam_file(args.data or sample_path(), on_invalid="skip")
+    out = build_tiny_model(args.out_dir, tokenizer_corpus(records), vocab_size=args.vocab_size,
+                           hidden_size=args.hidden_size, num_layers=args.layers)
+    print(f"tiny model written to {out}")
+    return 0
+
+
+# ---- quickstart -------------------------------------------------------------------------------------------
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """The whole loop on the shipped sample with a locally built tiny model."""
+    from medtune.quickstart import run_quickstart
+    from medtune.report.markdown import load_eval, results_table
+
+    res = run_quickstart(args.out, n_train=args.n_train, overrides=args.overrides)
+    order = ["base-seen", "tuned-seen", "base-heldout", "tuned-heldout"]
+    print()
+    print(results_table([load_eval(res.eval_dirs[k]) for k in order], paper=False))
+    print()
+    print(f"run directory: {res.run_dir}")
+    print(f"report:        {res.report}")
+    return 0
+
+
+# ---- templates ----------------------------------------------------------------------------------------------
+def cmd_templates(args: argparse.Namespace) -> int:
+    """List the shipped prompt templates."""
+    from medtune.templates import available, get_template
+
+    for name in available():
+        tpl = get_template(name)
+        print(f"{name:16s} v{tpl.version}  {tpl.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    p = argparse.ArgumentParser(prog="medtune", description="Fine-tune LLMs on Chinese medical exams and measure it.")
+    p.add_argument("--version", action="version", version=f"medtune {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="raw data set file → validated records (JSON lines)")
+    c.add_argument("format", choices=["cmexam"], help="source format")
+    c.add_argument("input", help="CMExam .csv, .jsonl/.json (HF mirror shape) or .xlsx")
+    c.add_argument("--out", required=True, help="records .jsonl to write")
+    c.add_argument("--on-invalid", choices=["error", "skip"], default="error",
+                   help="stop at the first bad row (default) or write bad rows to a rejects file")
+    c.add_argument("--rejects", help="rejects file (default: OUT stem + .rejects.jsonl)")
+    c.set_defaults(func=cmd_convert)
+
+    t = sub.add_parser("train", help="fine-tune from a YAML recipe (resumes automatically)")
+    t.add_argument("config", help="YAML recipe, e.g. src/medtune/configs/quickstart.yaml")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.learning_rate=1e-4")
+    t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    t.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("predict", help="batched greedy generation, appended as it goes")
+    pr.add_argument("--run", help="training run directory (model, adapter and template from it)")
+    pr.add_argument("--model", help="base model folder or hub id (instead of --run)")
+    pr.add_argument("--adapter", help="peft adapter folder (with --model)")
+    pr.add_argument("--template", help="template name or YAML (with --model; default qa)")
+    pr.add_argument("--data", required=True, help="records .jsonl or a raw CMExam file")
+    pr.add_argument("--out", required=True, help="predictions .jsonl (existing ids are skipped)")
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--max-new-tokens", type=int, default=128)
+    pr.add_argument("--limit", type=int, help="only the first N records")
+    pr.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    pr.add_argument("--trust-remote-code", action="store_true", help="run the model repository's code")
+    pr.set_defaults(func=cmd_predict)
+
+    e = sub.add_parser("evaluate", help="accuracy, F1, BLEU, ROUGE as the CMExam paper computes them")
+    e.add_argument("predictions", help="predictions .jsonl")
+    e.add_argument("--out", required=True, help="evaluation directory (results.json, scored.jsonl)")
+    e.add_argument("--parser", choices=["robust", "strict"], default="robust",
+                   help="robust (ours, default) or strict (bug-compatible with the paper)")
+    e.add_argument("--template", help="template to locate answers/explanations (default: per line)")
+    e.add_argument("--tokenizer", choices=["char", "jieba"], default="char",
+                   help="explanation BLEU tokens: characters (paper) or legacy jieba words")
+    e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("report", help="report.md comparing evaluation directories with the paper")
+    r.add_argument("eval_dirs", nargs="+")
+    r.add_argument("--out", default="report.md")
+    r.add_argument("--samples", type=int, default=4, help="sample answers per run")
+    r.set_defaults(func=cmd_report)
+
+    i = sub.add_parser("init-tiny-model", help="build a tiny random-weight model + tokenizer locally")
+    i.add_argument("out_dir")
+    i.add_argument("--data", help="records or CMExam file to train the tokenizer on (default: shipped sample)")
+    i.add_argument("--vocab-size", type=int, default=3000)
+    i.add_argument("--hidden-size", type=int, default=128)
+    i.add_argument("--layers", type=int, default=4)
+    i.set_defaults(func=cmd_init_tiny_model)
+
+    q = sub.add_parser("quickstart", help="the whole loop on the shipped sample with a tiny model")
+    q.add_argument("--out", default="runs/quickstart")
+    q.add_argument("--n-train", type=int, default=48, help="training questions")
+    q.add_argument("overrides", nargs="*", help="key=value overrides for the training config")
+    q.set_defaults(func=cmd_quickstart)
+
+    tp = sub.add_parser("templates", help="list the shipped prompt templates")
+    tp.set_defaults(func=cmd_templates)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``medtune`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    from medtune.config import ConfigError
+    from medtune.io import DataFileError
+    from medtune.templates import TemplateError
+    from medtune.train.common import RunDirError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataFileError, TemplateError, RunDirError, FileNotFoundError) as exc:
+        # Expected user errors: one clear line, no traceback.
+        print(f"medtune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

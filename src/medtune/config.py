@@ -1,0 +1,261 @@
+"""Run configuration: YAML + ``key=value`` overrides → small typed configs, one per concern.
+
+Unknown keys and wrong types raise ``ConfigError`` naming the key (``train.learning_rate``).
+The resolved config is saved in the run directory as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load and how."""
+
+    name_or_path: str = ""  # local folder or hub id of any causal LM
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    trust_remote_code: bool = False  # only when you trust the model repository's code
+    attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2
+
+
+@dataclass
+class DataConfig:
+    """Training data and how it becomes prompts."""
+
+    train: str = ""  # records JSON lines (medtune convert) or a raw CMExam file
+    validation: str | None = None  # optional; else `val_fraction` of train is held out
+    val_fraction: float = 0.0
+    template: str = "qa"  # a shipped template name or a template YAML path
+    max_length: int = 512  # tokens; longer examples are truncated from the right (answer first)
+    max_samples: int | None = None  # use only the first N training records (quick runs)
+    on_invalid: str = "error"  # for raw CMExam input: error | skip
+
+
+@dataclass
+class AdapterConfig:
+    """Parameter-efficient method and its knobs."""
+
+    method: str = "lora"  # lora | adalora | full
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] | str | None = None  # None: chosen per architecture; or "all-linear"
+    # AdaLoRA: the rank budget falls from init_r to target_r between step tinit and
+    # total_steps - tfinal (None: 10% of the run each), reallocating every delta_t steps.
+    init_r: int = 12
+    target_r: int = 4
+    tinit: int | None = None
+    tfinal: int | None = None
+    delta_t: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, checkpointing and logging."""
+
+    output_dir: str = "runs/sft"
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    learning_rate: float = 2e-4
+    batch_size: int = 4
+    eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.0  # fraction of total steps (must be < 1)
+    lr_scheduler: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    save_steps: int = 50  # checkpoint every N optimiser steps; a rerun resumes from the last one
+    save_total_limit: int | None = 2
+    logging_steps: int = 5
+    seed: int = 42
+    bf16: bool = False  # CPU autocast or GPU bf16; off by default so CPU runs "just work"
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    group_by_length: bool = False
+
+
+@dataclass
+class RunConfig:
+    """A whole training run."""
+
+    stage: str = "sft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> RunConfig:
+        """Check values that types alone don't catch."""
+        _choice("stage", self.stage, ["sft"])
+        _choice("model.dtype", self.model.dtype, ["auto", "float32", "bfloat16", "float16"])
+        _choice("adapter.method", self.adapter.method, ["lora", "adalora", "full"])
+        _choice("data.on_invalid", self.data.on_invalid, ["error", "skip"])
+        if not self.model.name_or_path:
+            raise ConfigError("model.name_or_path: required (a local folder or hub id)")
+        if not self.data.train:
+            raise ConfigError("data.train: required (a records .jsonl file or a CMExam file)")
+        if not 0.0 <= self.data.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction: expected 0 <= x < 1, got {self.data.val_fraction}")
+        for key, value in (
+            ("train.learning_rate", self.train.learning_rate),
+            ("train.batch_size", self.train.batch_size),
+            ("train.gradient_accumulation_steps", self.train.gradient_accumulation_steps),
+            ("train.save_steps", self.train.save_steps),
+            ("data.max_length", self.data.max_length),
+            ("adapter.r", self.adapter.r),
+        ):
+            if value <= 0:
+                raise ConfigError(f"{key}: must be > 0, got {value}")
+        if self.train.bf16 and self.train.fp16:
+            raise ConfigError("train.bf16 and train.fp16: choose one")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict."""
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML (atomically)."""
+        from medtune.io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), allow_unicode=True, sort_keys=False))
+
+
+def _choice(key: str, value: str, allowed: list[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: expected one of {allowed}, got {value!r}")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert ``value`` to the annotated type ``hint`` or raise naming ``key``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(key, v, item) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-4" as a string; accept it as a number
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {names}"
+            raise ConfigError(f"{prefix}{key}: unknown key{hint}")
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _section_keys() -> dict[str, list[str]]:
+    """Leaf key → sections that have it (for short overrides like ``learning_rate=1e-4``)."""
+    out: dict[str, list[str]] = {}
+    for f in dataclasses.fields(RunConfig):
+        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            for sub in dataclasses.fields(f.default_factory):
+                out.setdefault(sub.name, []).append(f.name)
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` (or unambiguous ``key=value``) overrides to a raw dict."""
+    sections = _section_keys()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) == 1 and parts[0] not in ("stage",):
+            owners = sections.get(parts[0], [])
+            if len(owners) != 1:
+                where = f"it is in {owners}" if owners else "no section has it"
+                raise ConfigError(f"override {key!r}: write it as section.key ({where})")
+            parts = [owners[0], parts[0]]
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part} is not a section")
+        # Values stay strings here; _coerce converts them to each field's type.
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe, apply overrides, validate types and values."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a YAML mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    return _build(RunConfig, data, "").validate()

@@ -1,0 +1,1 @@
+"""Evaluation: answer extraction (``extract``) and metric definitions (``metrics``)."""

@@ -1,0 +1,108 @@
+"""predictions.jsonl → scored.jsonl + results.json, with the CMExam metrics (METRICS.md)."""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from medtune.evaluation.extract import find_explanation, parse_robust, parse_strict, split_output
+from medtune.evaluation.metrics import TOKENIZER_LABELS, answer_scores, explanation_scores
+from medtune.io import DataFileError, atomic_write_json, iter_jsonl, write_jsonl
+from medtune.records import normalise_letters
+from medtune.templates import ExamTemplate, TemplateError, get_template
+
+log = logging.getLogger(__name__)
+
+PARSERS = ("robust", "strict")
+
+
+@cache
+def _template(name: str) -> ExamTemplate | None:
+    try:
+        return get_template(name)
+    except TemplateError:
+        return None
+
+
+def score_item(row: dict[str, Any], parser: str, template: ExamTemplate | None) -> dict[str, Any]:
+    """Parse one prediction: chosen letters and the explanation text that will be scored.
+
+    The template says where the answer and explanation sit; without one (predictions from
+    elsewhere) the explanation falls back to the usual markers and the whole output is parsed.
+    """
+    output, options = row["output"], row["options"]
+    if template is not None:
+        answer_region, explanation = split_output(output, template.answer_marker, template.explanation_marker)
+    else:
+        answer_region, explanation = output, find_explanation(output)
+    if parser == "strict":
+        parsed = parse_strict(output, options)  # the paper's parser always reads the raw output
+    else:
+        parsed = parse_robust(answer_region, options)
+        if not parsed and answer_region != output:
+            parsed = parse_robust(output, options)  # the answer may sit outside its expected place
+    return {**row, "parsed": parsed, "correct": parsed == row["answer"], "explanation_scored": explanation}
+
+
+def evaluate(
+    predictions: str | Path,
+    out_dir: str | Path,
+    parser: str = "robust",
+    template: str | Path | None = None,
+    tokenizer: str = "char",
+) -> dict[str, Any]:
+    """Score a predictions file; write ``scored.jsonl`` and ``results.json`` to ``out_dir``.
+
+    Rows without a gold answer are not scorable: they are excluded and counted. Rows without a
+    reference explanation are excluded from the explanation metrics only, and counted.
+    """
+    if parser not in PARSERS:
+        raise ValueError(f"unknown parser {parser!r}; expected one of {PARSERS}")
+    forced = get_template(template) if template else None
+    scored, unscorable, templates_seen = [], [], set()
+    for lineno, row in iter_jsonl(predictions):
+        for key in ("id", "options", "output"):
+            if key not in row:
+                raise DataFileError(predictions, lineno, key, "missing")
+        gold = normalise_letters(str(row.get("answer") or "").strip().upper(), row["options"])
+        if not gold:
+            unscorable.append({"id": row["id"], "reason": "no gold answer"})
+            continue
+        row = {**row, "answer": gold}
+        tpl = forced or (_template(row["template"]) if row.get("template") else None)
+        templates_seen.add(tpl.name if tpl else "(none: fallback markers)")
+        scored.append(score_item(row, parser, tpl))
+    if not scored:
+        raise DataFileError(predictions, None, "answer", "no row has a gold answer; nothing to evaluate")
+
+    answers = answer_scores([r["answer"] for r in scored], [r["parsed"] for r in scored])
+    with_ref = [r for r in scored if str(r.get("explanation") or "").strip()]
+    explanations = explanation_scores(
+        [r["explanation_scored"] for r in scored], [str(r.get("explanation") or "") for r in scored], tokenizer
+    ) if with_ref else {"n_explanations_scored": 0, "n_explanations_excluded": len(scored)}
+
+    results = {
+        **{k: answers[k] for k in ("accuracy", "f1")},
+        **{k: explanations.get(k) for k in ("bleu_1", "bleu_4", "rouge_1", "rouge_2", "rouge_l")},
+        "n": answers["n"],
+        "n_no_answer": answers["n_no_answer"],
+        "n_explanations_scored": explanations["n_explanations_scored"],
+        "n_explanations_excluded": explanations["n_explanations_excluded"],
+        "n_unscorable": len(unscorable),
+        "accuracy_single": answers["accuracy_single"],
+        "n_single": answers["n_single"],
+        "accuracy_multi": answers["accuracy_multi"],
+        "n_multi": answers["n_multi"],
+        "parser": parser,
+        "tokenizer": TOKENIZER_LABELS[tokenizer],
+        "templates": sorted(templates_seen),
+        "predictions": str(predictions),
+    }
+    out_dir = Path(out_dir)
+    write_jsonl(out_dir / "scored.jsonl", scored)
+    if unscorable:
+        write_jsonl(out_dir / "unscorable.jsonl", unscorable)
+    atomic_write_json(out_dir / "results.json", results)
+    return results

@@ -1,0 +1,1 @@
+"""Inference backends behind one small interface, batch prediction, and (later) chat and serving."""

@@ -1,0 +1,189 @@
+"""The one place that loads models and tokenizers, and builds the tiny local model.
+
+Everything else (train, predict, chat, server, demo) calls these functions, so dtype, device,
+``trust_remote_code`` and padding rules are decided here once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# ChatML, the format Qwen and many Chinese chat models use; the tiny model ships it so the `chat`
+# template works end to end without a downloaded model.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """Map a config dtype name to torch; ``auto`` is bf16 on GPUs that support it, else fp32."""
+    if name == "auto":
+        device = device or default_device()
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32  # CPU: fp32 is the fast and exact path for matmuls here
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """Load a tokenizer; give it a pad token (eos) when it has none."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"{name_or_path}: tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(
+    name_or_path: str,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    device: torch.device | str | None = None,
+    attn_implementation: str | None = None,
+) -> Any:
+    """Load any Hugging Face causal LM from a local folder or hub id (safetensors preferred)."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device) if device is not None else default_device()
+    kwargs: dict[str, Any] = {
+        "dtype": resolve_dtype(dtype, device),
+        "trust_remote_code": trust_remote_code,
+        "use_safetensors": _has_safetensors(name_or_path),
+    }
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    return model.to(device)
+
+
+def _has_safetensors(name_or_path: str) -> bool | None:
+    """True for a local folder with safetensors; None (let transformers decide) for hub ids."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return any(path.glob("*.safetensors")) or None
+    return None
+
+
+def load_for_inference(
+    model_path: str,
+    adapter_path: str | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    device: torch.device | str | None = None,
+) -> tuple[Any, Any]:
+    """Base model (+ optional peft adapter) and tokenizer, in eval mode.
+
+    The tokenizer comes from the adapter folder when it has one (training saves it there), else
+    from the base model.
+    """
+    model = load_causal_lm(model_path, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
+    tok_source = model_path
+    if adapter_path:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_path)
+        if (Path(adapter_path) / "tokenizer_config.json").exists():
+            tok_source = adapter_path
+    tokenizer = load_tokenizer(tok_source, trust_remote_code=trust_remote_code)
+    model.eval()
+    return model, tokenizer
+
+
+def build_tiny_model(
+    out_dir: str | os.PathLike,
+    texts: Iterable[str],
+    vocab_size: int = 3000,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    max_positions: int = 1024,
+    seed: int = 0,
+    initializer_range: float = 0.1,
+) -> Path:
+    """Build a random-weight Llama-architecture model + byte-level BPE tokenizer trained on ``texts``.
+
+    It loads offline with ``AutoModelForCausalLM``/``AutoTokenizer`` like any hub model. The Llama
+    architecture is chosen on purpose: with ``model_type: qwen2`` transformers 5 swaps in
+    ``Qwen2Tokenizer`` and its regex pre-tokenizer, which changes the ids of our tokenizer.
+
+    ``initializer_range`` is 0.1 rather than the usual 0.02: with tied embeddings that small, a
+    random model's logits are nearly flat (entropy ≈ ln V), and LoRA, which cannot touch the
+    embeddings, then needs many times more steps before the answers it learns win the argmax.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(list(texts), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(out)
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        initializer_range=initializer_range,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def tokenizer_corpus(records: Iterable[Any]) -> list[str]:
+    """Text to train the tiny tokenizer on: each record rendered with every plain shipped template.
+
+    Rendering through the templates puts their markers (答案：, 理由：, 正确选项：, 解释:) in the
+    vocabulary, so the tiny model sees them as the few tokens a real tokenizer would.
+    """
+    from medtune.templates import available, get_template
+
+    templates = [t for t in (get_template(n) for n in available()) if not t.chat]
+    return [t.render_prompt(r) + t.render_target(r) for r in records for t in templates]

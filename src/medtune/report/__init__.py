@@ -1,0 +1,1 @@
+"""Evaluation results → human-readable reports."""

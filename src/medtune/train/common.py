@@ -1,0 +1,158 @@
+"""Steps every training stage shares: run directory, env record, metrics log, resume, seeding."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import TrainerCallback
+
+from medtune.config import RunConfig
+from medtune.io import atomic_write_json, read_jsonl_tolerant, write_jsonl
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("medtune", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "tokenizers")
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file (data provenance in env.json)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_hash() -> str | None:
+    """Commit of the current working directory's git checkout, if any."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment(seed: int, data_files: list[str]) -> dict[str, Any]:
+    """What is needed to reproduce a run: versions, git hash, seed, data hashes, hardware."""
+    import torch
+
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions,
+        "git": git_hash(),
+        "seed": seed,
+        "data": {f: file_sha256(f) for f in data_files if f and os.path.exists(f)},
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cuda_devices": torch.cuda.device_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool = True) -> tuple[Path, str | None]:
+    """Create the run directory or find the checkpoint to resume from.
+
+    A rerun with the same config resumes from the last checkpoint; a different config in an
+    existing run directory is an error (resuming it would mix two experiments).
+    """
+    run_dir = Path(cfg.train.output_dir)
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        with open(saved, encoding="utf-8") as fh:
+            previous = yaml.safe_load(fh)
+        if previous != cfg.to_dict():
+            diff = _diff(previous, cfg.to_dict())
+            raise RunDirError(
+                f"{run_dir} holds a run with a different config ({diff}); "
+                "choose another train.output_dir or delete that directory"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = last_complete_checkpoint(run_dir) if resume else None
+    return run_dir, checkpoint
+
+
+def last_complete_checkpoint(run_dir: Path) -> str | None:
+    """The newest ``checkpoint-N`` that finished writing (has its trainer state).
+
+    A process killed while saving leaves a checkpoint folder without ``trainer_state.json``
+    (the Trainer writes it after the weights); resuming from that would fail, so it is skipped.
+    """
+    found = []
+    for path in run_dir.glob("checkpoint-*"):
+        suffix = path.name.removeprefix("checkpoint-")
+        if path.is_dir() and suffix.isdigit() and (path / "trainer_state.json").exists():
+            found.append((int(suffix), path))
+    return str(max(found)[1]) if found else None
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: {a!r} → {b!r}"
+
+
+def trim_metrics_log(path: Path, last_step: int) -> None:
+    """Drop log lines past the checkpoint being resumed, so a rerun doesn't duplicate them."""
+    rows = read_jsonl_tolerant(path)
+    kept = [r for r in rows if r.get("step", 0) <= last_step]
+    if len(kept) != len(rows) or (path.exists() and not path.read_bytes().endswith(b"\n")):
+        write_jsonl(path, kept)
+
+
+def checkpoint_step(checkpoint: str | None) -> int:
+    """Global step of a ``checkpoint-N`` folder (0 for none)."""
+    if not checkpoint:
+        return 0
+    with open(Path(checkpoint) / "trainer_state.json", encoding="utf-8") as fh:
+        return int(json.load(fh)["global_step"])
+
+
+class MetricsLogCallback(TrainerCallback):
+    """Append every Trainer log (loss, lr, eval loss, ...) to ``metrics.jsonl`` (main process only)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        """Write one JSON line per log event."""
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": state.epoch, **logs}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def tensorboard_callback(run_dir: Path) -> Any:
+    """TensorBoard logging into ``RUN_DIR/tensorboard`` (instead of a dated folder under runs/)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "tensorboard")))
+
+
+def save_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write (alias kept short for stage scripts)."""
+    atomic_write_json(path, obj)

@@ -1,0 +1,145 @@
+"""Supervised fine-tuning on exam records: load config → data → model + PEFT → trainer → train → save."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from medtune.config import RunConfig
+from medtune.io import write_jsonl
+from medtune.train import common
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: RunConfig, resume: bool = True) -> Path:
+    """Train and return the run directory (see DESIGN.md for its contents)."""
+    import torch
+    from datasets import Dataset
+    from transformers import EarlyStoppingCallback  # noqa: F401  (imported for users extending callbacks)
+    from trl import SFTConfig, SFTTrainer
+
+    from medtune.adapters import AdaLoraRankCallback, peft_config_for, total_optimizer_steps
+    from medtune.data.exam import load_exam_file, split_records
+    from medtune.data.sft import build_sft_examples
+    from medtune.models import load_causal_lm, load_tokenizer
+    from medtune.templates import get_template
+
+    # ---- run directory: create, or find the checkpoint to resume from -------------------------
+    run_dir, checkpoint = common.prepare_run_dir(cfg, resume=resume)
+    torch.manual_seed(cfg.train.seed)
+
+    # ---- data: records → template → tokenised, prompt-masked examples ---------------------------
+    template = get_template(cfg.data.template)
+    records, rejects = load_exam_file(cfg.data.train, cfg.data.on_invalid)
+    if cfg.data.max_samples:
+        records = records[: cfg.data.max_samples]
+    if cfg.data.validation:
+        val_records, val_rejects = load_exam_file(cfg.data.validation, cfg.data.on_invalid)
+        rejects += val_rejects
+    else:
+        records, val_records = split_records(records, cfg.data.val_fraction, cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    train_build = build_sft_examples(records, template, tokenizer, cfg.data.max_length)
+    val_build = build_sft_examples(val_records, template, tokenizer, cfg.data.max_length)
+    if not train_build.examples:
+        raise ValueError(f"{cfg.data.train}: no training examples left ({train_build.summary()})")
+
+    # ---- model + PEFT -----------------------------------------------------------------------------
+    model = load_causal_lm(
+        cfg.model.name_or_path,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation,
+    )
+    world_size = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    total_steps = total_optimizer_steps(
+        len(train_build.examples),
+        cfg.train.batch_size,
+        cfg.train.gradient_accumulation_steps,
+        cfg.train.epochs,
+        cfg.train.max_steps,
+        world_size,
+    )
+    peft_config = peft_config_for(cfg.adapter, model.config.model_type, total_steps)
+
+    # ---- trainer -----------------------------------------------------------------------------------
+    has_val = bool(val_build.examples)
+    args = SFTConfig(
+        output_dir=str(run_dir),
+        num_train_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps,
+        learning_rate=cfg.train.learning_rate,
+        per_device_train_batch_size=cfg.train.batch_size,
+        per_device_eval_batch_size=cfg.train.eval_batch_size,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        warmup_steps=cfg.train.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
+        lr_scheduler_type=cfg.train.lr_scheduler,
+        weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm,
+        save_strategy="steps",
+        save_steps=cfg.train.save_steps,
+        save_total_limit=cfg.train.save_total_limit,
+        eval_strategy="epoch" if has_val else "no",
+        logging_steps=cfg.train.logging_steps,
+        logging_first_step=True,
+        seed=cfg.train.seed,
+        # TRL defaults bf16 to True and gradient checkpointing on; both fail or slow down on CPU.
+        bf16=cfg.train.bf16,
+        fp16=cfg.train.fp16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        max_length=cfg.data.max_length,  # examples are already fitted to this; TRL won't cut further
+        train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
+        report_to="none",  # TensorBoard is attached below with a fixed folder inside the run dir
+        dataloader_pin_memory=False,
+    )
+    callbacks: list[Any] = [common.MetricsLogCallback(run_dir / "metrics.jsonl")]
+    if "tensorboard" in cfg.train.report_to:
+        callbacks.append(common.tensorboard_callback(run_dir))
+    if cfg.adapter.method == "adalora":
+        callbacks.append(AdaLoraRankCallback())
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_build.examples),
+        eval_dataset=Dataset.from_list(val_build.examples) if has_val else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+
+    # ---- record what this run is, before the (long) training starts --------------------------------
+    if trainer.is_world_process_zero():
+        cfg.save(run_dir / "config.yaml")
+        template.save(run_dir / "template.yaml")
+        common.save_json(
+            run_dir / "env.json",
+            common.environment(cfg.train.seed, [cfg.data.train, cfg.data.validation or ""]),
+        )
+        common.save_json(
+            run_dir / "data_summary.json",
+            {"train": train_build.summary(), "validation": val_build.summary(), "rejected_rows": len(rejects)},
+        )
+        # Nothing is dropped silently: what did not enter training as it was is written out.
+        write_jsonl(run_dir / "skipped.jsonl", train_build.skipped + val_build.skipped + rejects)
+        write_jsonl(run_dir / "truncated.jsonl", train_build.truncated + val_build.truncated)
+        if checkpoint:
+            common.trim_metrics_log(run_dir / "metrics.jsonl", common.checkpoint_step(checkpoint))
+            log.info("resuming from %s", checkpoint)
+
+    # ---- train ------------------------------------------------------------------------------------
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+    # ---- save: adapter (or full model) + tokenizer + trainer state ----------------------------------
+    if trainer.is_world_process_zero():
+        out = run_dir / ("model" if peft_config is None else "adapter")
+        trainer.save_model(str(out))
+        tokenizer.save_pretrained(str(out))
+        trainer.save_state()
+        final = {"global_step": trainer.state.global_step, "total_steps_planned": total_steps}
+        if has_val:
+            final.update(trainer.evaluate())
+        common.save_json(run_dir / "train_results.json", final)
+    return run_dir

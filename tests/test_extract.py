@@ -1,0 +1,136 @@
+"""Answer extraction: one table of realistic outputs, scored by both parsers."""
+
+import pytest
+
+from medtune.evaluation.extract import (
+    FALLBACK_EXPLANATION_MARKERS,
+    find_explanation,
+    parse_robust,
+    parse_strict,
+    split_output,
+)
+
+BACTERIA = {"A": "肺炎链球菌", "B": "金黄色葡萄球菌", "C": "大肠埃希菌", "D": "铜绿假单胞菌", "E": "肺炎克雷伯菌"}
+ANGINA = {"A": "稳定型心绞痛", "B": "变异型心绞痛", "C": "急性心肌梗死", "D": "心绞痛", "E": "主动脉夹层"}
+DRUGS = {"A": "Aspirin", "B": "Beta blocker", "C": "Calcium channel blocker", "D": "Digoxin", "E": "Enalapril"}
+
+# (output, options, strict_expected, robust_expected)
+CASES = [
+    # --- plain and templated answers ---
+    ("答案：B", BACTERIA, "B", "B"),
+    ("B\n理由：金黄色葡萄球菌可产生血浆凝固酶", BACTERIA, "B", "B"),
+    ("A", BACTERIA, "A", "A"),
+    ("**答案**：E", BACTERIA, "E", "E"),
+    ("答：E", BACTERIA, "E", "E"),
+    ("答案:【E】", BACTERIA, "E", "E"),
+    ("答案：A：肺炎链球菌", BACTERIA, "A", "A"),
+    ("故本题选D。", BACTERIA, "D", "D"),
+    ("B\n解释：A项为革兰阳性球菌，不产生凝固酶", BACTERIA, "B", "B"),  # strict keeps only line 1
+    ("解释：A项错误，B项错误。\n答案：C", BACTERIA, "AB", "C"),  # strict reads line 1 = explanation
+    # --- multi-answer forms ---
+    ("AC。两者均为常见病原体", BACTERIA, "AC", "AC"),
+    ("答案：A、C", BACTERIA, "AC", "AC"),
+    ("答案：A,C", BACTERIA, "AC", "AC"),
+    ("答案：A和C", BACTERIA, "AC", "AC"),
+    ("答案：A与C", BACTERIA, "AC", "AC"),
+    ("答案：A 及 C", BACTERIA, "AC", "AC"),
+    ("答案是：(A)(D)", BACTERIA, "AD", "AD"),
+    ("正确选项为BD", BACTERIA, "BD", "BD"),
+    ("本题应选A和D", BACTERIA, "AD", "AD"),
+    ("答案：ABCDE", BACTERIA, "ABCDE", "ABCDE"),
+    # --- full-width and lowercase letters (missed by strict) ---
+    ("答案：Ｂ", BACTERIA, "", "B"),
+    ("答案：ｂ", BACTERIA, "", "B"),
+    ("Ａ、Ｃ", BACTERIA, "", "AC"),
+    ("根据题意，正确答案为 c。", BACTERIA, "", "C"),
+    ("answer: c", DRUGS, "", "C"),
+    # --- English: the "A" of "Answer" is a substring for strict ---
+    ("Answer: B", DRUGS, "AB", "B"),
+    ("Answer: D. Digoxin increases myocardial contractility.", DRUGS, "AD", "D"),
+    ("The correct answer is B. Beta blockers reduce myocardial oxygen demand.", DRUGS, "B", "B"),
+    ("The answer is (C).", DRUGS, "C", "C"),
+    ("Answer: A and C", DRUGS, "AC", "AC"),
+    ("Option B is correct", DRUGS, "B", "B"),
+    ("I think it's Digoxin.", DRUGS, "D", "D"),
+    ("The answer is a combination of drugs.", DRUGS, "", ""),
+    ("A patient with chest pain needs an ECG first.", DRUGS, "ACE", ""),  # article A, ECG
+    # --- letters inside Latin words and medical terms ---
+    ("答案：C。大肠埃希菌为革兰阴性杆菌，其质粒DNA可携带耐药基因", BACTERIA, "ACD", "C"),
+    ("HBsAg阳性提示乙型肝炎病毒感染", BACTERIA, "AB", ""),
+    ("ACE抑制剂可引起干咳", BACTERIA, "ACE", ""),
+    ("首选B超检查", BACTERIA, "B", ""),
+    # --- negations ---
+    ("C正确，A、B、D、E均不正确", BACTERIA, "ABCDE", "C"),
+    ("A、B、D、E均不正确，故选C", BACTERIA, "ABCDE", "C"),
+    ("A、B均不正确", BACTERIA, "AB", ""),
+    ("答案：A错误，应选C", BACTERIA, "AC", "C"),
+    ("不选A，应选B", BACTERIA, "AB", "B"),
+    # --- option text, longest first ---
+    ("变异型心绞痛", ANGINA, "BD", "B"),
+    ("最可能的诊断是变异型心绞痛（夜间静息时发作，ST段抬高）", ANGINA, "BD", "B"),
+    ("排除稳定型心绞痛，考虑变异型心绞痛", ANGINA, "ABD", "B"),
+    ("心绞痛", ANGINA, "D", "D"),
+    ("答案：B 变异型心绞痛", ANGINA, "BD", "B"),
+    # --- refusals and unparseable ---
+    ("我无法回答这个问题，建议咨询医生。", BACTERIA, "", ""),
+    ("我不知道答案，可能是A或B", BACTERIA, "AB", ""),
+    ("I cannot provide medical advice.", DRUGS, "", ""),
+    ("这道题考查的是细菌学知识。", BACTERIA, "", ""),
+    ("答案：AF", BACTERIA, "A", ""),  # F is not an option key
+    ("", BACTERIA, "", ""),
+]
+
+
+@pytest.mark.parametrize(("output", "options", "strict_expected", "robust_expected"), CASES)
+def test_parsers(output, options, strict_expected, robust_expected):
+    assert parse_strict(output, options) == strict_expected
+    assert parse_robust(output, options) == robust_expected
+
+
+def test_table_is_large_enough():
+    assert len(CASES) >= 30
+
+
+def test_letters_returned_in_option_order():
+    assert parse_robust("答案：D、A", BACTERIA) == "AD"
+    assert parse_strict("D or A", BACTERIA) == "AD"
+
+
+@pytest.mark.parametrize(
+    ("output", "answer_marker", "explanation_marker", "expected"),
+    [
+        ("答案：B\n解释：凝固酶阳性。", "答案：", "解释：", ("B", "凝固酶阳性。")),
+        # prompt ended with the answer cue: the output starts with the answer
+        ("B\n解释：凝固酶阳性。", None, "解释：", ("B", "凝固酶阳性。")),
+        # explanation first, answer last: explanation is cut at the answer marker
+        ("解释：凝固酶阳性。\n答案：B", "答案：", "解释：", ("B", "凝固酶阳性。")),
+        # explanation marker absent: explanation is the whole output
+        ("答案：B", "答案：", "解释：", ("B", "答案：B")),
+        # answer marker given but absent: answer region runs up to the explanation marker
+        ("B\n解释：x", "答案：", "解释：", ("B", "x")),
+        # first occurrence of the explanation marker wins
+        ("答案：B 解释：一 解释：二", "答案：", "解释：", ("B", "一 解释：二")),
+        (" B 因为凝固酶阳性 ", None, None, ("B 因为凝固酶阳性", "B 因为凝固酶阳性")),
+        ("答案：B\n解释：", "答案：", "解释：", ("B", "")),
+        # analysis_first: the prompt ended with "分析：", the output starts with the explanation
+        ("凝固酶阳性。\n正确选项：B.金黄色葡萄球菌", "正确选项：", None, ("B.金黄色葡萄球菌", "凝固酶阳性。")),
+    ],
+)
+def test_split_output(output, answer_marker, explanation_marker, expected):
+    assert split_output(output, answer_marker, explanation_marker) == expected
+
+
+def test_find_explanation():
+    assert FALLBACK_EXPLANATION_MARKERS == ("解释:", "解释：", "理由：", "分析：")
+    assert find_explanation("答案：A\n理由：常见病原体") == "常见病原体"
+    assert find_explanation("A\n分析：常见病原体") == "常见病原体"
+    assert find_explanation("A 解释: common") == "common"
+    # markers are tried in tuple order, not by position in the text
+    assert find_explanation("理由：甲\n解释：乙") == "乙"
+    assert find_explanation("  没有标记的输出 ") == "没有标记的输出"
+
+
+def test_split_then_parse():
+    answer, explanation = split_output("答案：C\n解释：DNA病毒", "答案：", "解释：")
+    assert parse_robust(answer, BACTERIA) == "C"
+    assert explanation == "DNA病毒"

@@ -1,0 +1,253 @@
+"""Metrics against values worked out by hand (arithmetic in the comments)."""
+
+import math
+import random
+import warnings
+from collections import Counter
+
+import pytest
+
+from medtune.evaluation.metrics import (
+    METRICS,
+    _lcs_length,
+    answer_scores,
+    bleu,
+    explanation_scores,
+    rouge_l,
+    rouge_n,
+)
+
+# ------------------------------------------------------------------------------ answers
+
+
+def test_accuracy_with_no_answer_row():
+    gold = ["A", "B", "C", "AC"]
+    pred = ["A", "", "C", "AB"]
+    s = answer_scores(gold, pred)
+    # correct rows: 1 and 3 -> 2/4 = 50.0; the "" row stays in the denominator
+    assert s["accuracy"] == pytest.approx(50.0)
+    assert s["n"] == 4 and s["n_no_answer"] == 1
+    # single-answer gold: rows 1-3, 2 correct -> 2/3 = 66.67; multi: row 4, wrong -> 0.0
+    assert s["n_single"] == 3 and s["accuracy_single"] == pytest.approx(200 / 3)
+    assert s["n_multi"] == 1 and s["accuracy_multi"] == 0.0
+
+
+def test_weighted_f1_four_rows():
+    gold = ["A", "A", "A", "B"]
+    pred = ["A", "A", "B", ""]
+    s = answer_scores(gold, pred)
+    # class A: TP=2 FP=0 FN=1 -> P=1, R=2/3, F=2*1*(2/3)/(1+2/3)=0.8, support 3
+    # class B: TP=0 FP=1 FN=1 -> F=0, support 1
+    # class NO_ANSWER: support 0 -> weight 0
+    # weighted F = (3*0.8 + 1*0) / 4 = 0.6 -> 60.0 ; accuracy = 2/4 = 50.0
+    assert s["f1"] == pytest.approx(60.0)
+    assert s["accuracy"] == pytest.approx(50.0)
+    assert s["n_no_answer"] == 1
+    assert s["accuracy_multi"] is None and s["n_multi"] == 0
+
+
+def test_answer_scores_rejects_bad_input():
+    with pytest.raises(ValueError):
+        answer_scores(["A"], ["A", "B"])
+    with pytest.raises(ValueError):
+        answer_scores(["A", ""], ["A", "B"])
+
+
+# ------------------------------------------------------------------------------ BLEU
+
+
+def _bleu_by_definition(hyps, refs, n):
+    """METRICS.md formula on non-whitespace characters, written independently of sacrebleu."""
+    hyp_toks = [[c for c in h if not c.isspace()] for h in hyps]
+    ref_toks = [[c for c in r if not c.isspace()] for r in refs]
+    c, r = sum(map(len, hyp_toks)), sum(map(len, ref_toks))
+    log_sum = 0.0
+    for k in range(1, n + 1):
+        match = total = 0
+        for h, rf in zip(hyp_toks, ref_toks, strict=True):
+            hc = Counter(tuple(h[i:i + k]) for i in range(len(h) - k + 1))
+            rc = Counter(tuple(rf[i:i + k]) for i in range(len(rf) - k + 1))
+            match += sum(min(v, rc[g]) for g, v in hc.items())
+            total += max(0, len(h) - k + 1)
+        if match == 0:
+            return 0.0
+        log_sum += math.log(match / total)
+    bp = 1.0 if c > r else math.exp(1 - r / c)
+    return 100 * bp * math.exp(log_sum / n)
+
+
+def test_bleu_with_brevity_penalty_c_less_than_r():
+    hyp, ref = "变异型心绞痛发作", "变异型心绞痛夜间发作"
+    # c = 8, r = 10 -> BP = exp(1 - 10/8) = exp(-0.25) = 0.7788
+    # p1 = 8/8 (every hyp char is in ref)
+    # p2 = 6/7 (变异 异型 型心 心绞 绞痛 发作 match; 痛发 does not)
+    # p3 = 4/6 (变异型 异型心 型心绞 心绞痛)
+    # p4 = 3/5 (变异型心 异型心绞 型心绞痛)
+    # BLEU-1 = 0.7788 * 1 = 77.88
+    # BLEU-4 = 0.7788 * (1 * 6/7 * 4/6 * 3/5) ** 0.25 = 0.7788 * 0.342857 ** 0.25 = 0.7788 * 0.7652 = 59.59
+    assert bleu([hyp], [ref], 1) == pytest.approx(77.88, abs=0.01)
+    assert bleu([hyp], [ref], 4) == pytest.approx(59.59, abs=0.01)
+
+
+def test_bleu_without_brevity_penalty_c_greater_than_r():
+    hyp, ref = "患者胸痛三天伴发热", "患者胸痛三天"
+    # c = 9 > r = 6 -> BP = 1
+    # p1 = 6/9, p2 = 5/8 (患者 者胸 胸痛 痛三 三天), p3 = 4/7, p4 = 3/6
+    # BLEU-1 = 6/9 = 66.67
+    # BLEU-4 = (6/9 * 5/8 * 4/7 * 3/6) ** 0.25 = 0.119048 ** 0.25 = 0.5874 -> 58.74
+    assert bleu([hyp], [ref], 1) == pytest.approx(66.67, abs=0.01)
+    assert bleu([hyp], [ref], 4) == pytest.approx(58.74, abs=0.01)
+
+
+def test_bleu_is_corpus_level():
+    hyps = ["变异型心绞痛发作", "患者胸痛三天伴发热"]
+    refs = ["变异型心绞痛夜间发作", "患者胸痛三天"]
+    # statistics are pooled before dividing: c = 8+9 = 17 > r = 10+6 = 16 -> BP = 1
+    # p1 = (8+6)/(8+9) = 14/17, p2 = (6+5)/(7+8) = 11/15, p3 = (4+4)/(6+7) = 8/13, p4 = (3+3)/(5+6) = 6/11
+    # BLEU-4 = (14/17 * 11/15 * 8/13 * 6/11) ** 0.25 = 0.202715 ** 0.25 = 0.6710 -> 67.10
+    expected = 100 * (14 / 17 * 11 / 15 * 8 / 13 * 6 / 11) ** 0.25
+    assert expected == pytest.approx(67.10, abs=0.01)
+    assert bleu(hyps, refs, 4) == pytest.approx(expected)
+
+
+def test_bleu_latin_word_is_characters_and_c_equals_r():
+    hyp, ref = "HBsAg阳性", "HBsAg阴性"
+    # HBsAg is five tokens: H B s A g 阳 性 -> c = r = 7 -> BP = 1
+    # p1 = 6/7 -> BLEU-1 = 85.71 (a word tokenizer would give 2/3)
+    # p2 = 4/6 (HB Bs sA Ag), p3 = 3/5 (HBs BsA sAg), p4 = 2/4 (HBsA BsAg)
+    # BLEU-4 = (6/7 * 4/6 * 3/5 * 2/4) ** 0.25 = 0.171429 ** 0.25 = 0.6435 -> 64.35
+    assert bleu([hyp], [ref], 1) == pytest.approx(85.71, abs=0.01)
+    assert bleu([hyp], [ref], 4) == pytest.approx(64.35, abs=0.01)
+
+
+def test_bleu_zero_precision_gives_zero():
+    hyp, ref = "胸痛发热", "腹痛发冷"
+    # p1 = 2/4 (痛 发), p2 = 1/3 (痛发), p3 = 0/2 -> BLEU-4 = 0 ; BLEU-1 = 1 * 2/4 = 50.0 (c = r)
+    assert bleu([hyp], [ref], 1) == pytest.approx(50.0)
+    assert bleu([hyp], [ref], 4) == 0.0
+    # a hypothesis shorter than 4 characters has no 4-grams at all -> p4 = 0/0 -> 0
+    assert bleu(["胸痛"], ["胸痛"], 4) == 0.0
+
+
+def test_bleu_whitespace_is_not_a_token():
+    assert bleu(["胸 痛"], ["胸痛"], 2) == pytest.approx(100.0)
+
+
+def test_bleu_all_empty_hypotheses_warn_and_score_zero():
+    with pytest.warns(UserWarning, match="empty"):
+        assert bleu(["", " "], ["胸痛", "发热"], 4) == 0.0
+
+
+def test_bleu_matches_definition_on_random_corpora():
+    rng = random.Random(0)
+    alphabet = "心绞痛胸闷发热 AB"
+    for _ in range(50):
+        hyps = ["".join(rng.choices(alphabet, k=rng.randint(1, 12))) for _ in range(3)]
+        refs = ["".join(rng.choices(alphabet, k=rng.randint(1, 12))) for _ in range(3)]
+        if not any(h.strip() for h in hyps) or not any(r.strip() for r in refs):
+            continue
+        for n in (1, 2, 4):
+            assert bleu(hyps, refs, n) == pytest.approx(_bleu_by_definition(hyps, refs, n), abs=1e-9)
+
+
+def test_bleu_jieba_variant():
+    assert bleu(["患者胸痛三天"], ["患者胸痛三天"], 1, tokenizer="jieba") == pytest.approx(100.0)
+    with pytest.raises(ValueError):
+        bleu(["a"], ["a"], 1, tokenizer="zh")
+
+
+# ------------------------------------------------------------------------------ ROUGE
+
+
+def test_rouge_uses_sets_not_counts():
+    # H = {痛}, R = {痛} -> o = 1, P = 1, Rc = 1 -> F = 2/(2 + 1e-8) = 100 (counts would give P = 1/3)
+    assert rouge_n(["痛痛痛"], ["痛"], 1) == pytest.approx(100.0)
+    # ROUGE-1: H = {胸, 痛}, R = {胸, 闷, 痛} -> o = 2, P = 1, Rc = 2/3 -> F = (4/3)/(5/3) = 0.8 -> 80
+    assert rouge_n(["胸痛胸痛"], ["胸闷胸痛"], 1) == pytest.approx(80.0)
+    # ROUGE-2: H = {胸痛, 痛胸}, R = {胸闷, 闷胸, 胸痛} -> o = 1, P = 1/2, Rc = 1/3
+    #          F = 2 * 1/6 / (5/6) = 0.4 -> 40
+    assert rouge_n(["胸痛胸痛"], ["胸闷胸痛"], 2) == pytest.approx(40.0)
+
+
+def test_rouge_whitespace_characters_are_tokens():
+    # " ".join("胸 痛").split(" ") = [胸, "", "", 痛]; ref tokens = [胸, 痛]
+    # ROUGE-1: H = {胸, "", 痛}, R = {胸, 痛} -> P = 2/3, Rc = 1 -> F = (4/3)/(5/3) = 0.8 -> 80
+    assert rouge_n(["胸 痛"], ["胸痛"], 1) == pytest.approx(80.0)
+    # ROUGE-L: LCS = 2, P = 2/4 = 0.5, Rc = 1, beta = 0.5
+    #          F = 1.25 * 1 * 0.5 / (1 + 0.25 * 0.5) = 0.625 / 1.125 = 0.5556 -> 55.56
+    assert rouge_l(["胸 痛"], ["胸痛"]) == pytest.approx(55.56, abs=0.01)
+
+
+def test_rouge_l_beta_formula():
+    # LCS(心绞, 心绞疼痛) = 2 -> P = 2/2 = 1, Rc = 2/4 = 0.5, beta = 2
+    # F = (1 + 4) * 0.5 * 1 / (0.5 + 4 * 1) = 2.5 / 4.5 = 0.5556 -> 55.56 (plain F1 would be 66.67)
+    assert rouge_l(["心绞"], ["心绞疼痛"]) == pytest.approx(55.56, abs=0.01)
+
+
+def test_rouge_empty_hypothesis_scores_zero_and_is_not_dropped():
+    # pair 1 scores 0, pair 2 scores 100 -> mean = 50
+    assert rouge_n(["", "胸痛"], ["胸痛", "胸痛"], 1) == pytest.approx(50.0)
+    assert rouge_n(["", "胸痛"], ["胸 痛", "胸痛"], 1) == pytest.approx(50.0)  # no "" token for ""
+    assert rouge_l(["", "胸痛"], ["胸痛", "胸痛"]) == pytest.approx(50.0)
+
+
+def test_rouge_rejects_empty_reference():
+    with pytest.raises(ValueError):
+        rouge_n(["胸痛"], [""], 1)
+    with pytest.raises(ValueError):
+        rouge_l(["胸痛"], ["  "])
+
+
+def test_lcs_matches_dynamic_programming():
+    def dp(a, b):
+        prev = [0] * (len(b) + 1)
+        for x in a:
+            cur = [0]
+            for j, y in enumerate(b):
+                cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+            prev = cur
+        return prev[-1]
+
+    rng = random.Random(1)
+    for _ in range(200):
+        a = rng.choices("abcd ", k=rng.randint(0, 15))
+        b = rng.choices("abcd ", k=rng.randint(0, 15))
+        assert _lcs_length(a, b) == dp(a, b)
+
+
+# ------------------------------------------------------------------------------ explanations
+
+
+def test_explanation_scores_excludes_empty_references_and_keeps_empty_hypotheses():
+    hyps = ["", "胸痛", "随便"]
+    refs = ["胸痛", "胸痛", "  "]
+    s = explanation_scores(hyps, refs)
+    assert s["n_explanations_scored"] == 2 and s["n_explanations_excluded"] == 1
+    # BLEU-1 over the two kept pairs: c = 0 + 2 = 2, r = 4 -> BP = exp(1 - 4/2) = e^-1; p1 = 2/2
+    # -> 100 * 0.3679 = 36.79
+    assert s["bleu_1"] == pytest.approx(100 * math.exp(-1))
+    # ROUGE: pair 1 = 0, pair 2 = 100 -> 50
+    assert s["rouge_1"] == pytest.approx(50.0)
+    assert s["rouge_l"] == pytest.approx(50.0)
+    assert s["tokenizer"].startswith("characters")
+
+
+def test_explanation_scores_nothing_scorable():
+    s = explanation_scores(["胸痛"], [""])
+    assert s["n_explanations_scored"] == 0 and s["n_explanations_excluded"] == 1
+    assert s["bleu_4"] is None and s["rouge_l"] is None
+
+
+def test_explanation_scores_jieba_variant_is_labelled():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = explanation_scores(["患者胸痛三天"], ["患者胸痛三天"], tokenizer="jieba")
+    assert "legacy jieba-word BLEU" in s["tokenizer"]
+    assert s["bleu_1"] == pytest.approx(100.0)
+
+
+def test_metric_metadata():
+    assert set(METRICS) == {"accuracy", "f1", "bleu_1", "bleu_4", "rouge_1", "rouge_2", "rouge_l"}
+    assert METRICS["bleu_4"].level == "corpus"
+    assert METRICS["rouge_l"].level == "mean over items"
+    assert all(m.higher_is_better and m.tokenisation for m in METRICS.values())
