@@ -1,0 +1,48 @@
+"""AdaLoRA really adapts: its rank budget moves during training (update_and_allocate runs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from medtune.adapters import adalora_ranks, adalora_schedule, total_optimizer_steps
+from medtune.config import AdapterConfig, load_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_total_steps_and_schedule():
+    assert total_optimizer_steps(32, 4, 1, 3.0, -1) == 24
+    assert total_optimizer_steps(33, 4, 2, 1.0, -1) == 5  # 9 batches → 5 updates
+    assert total_optimizer_steps(33, 4, 2, 1.0, 7) == 7
+    assert total_optimizer_steps(32, 4, 1, 1.0, -1, world_size=2) == 4
+    assert adalora_schedule(AdapterConfig(method="adalora"), 40) == (4, 4)
+    with pytest.raises(ValueError, match="tinit"):
+        adalora_schedule(AdapterConfig(method="adalora", tinit=20, tfinal=20), 40)
+
+
+def test_adalora_ranks_change(tmp_path, tiny_model_dir, records_file):
+    from medtune.models import load_for_inference
+    from medtune.train import sft
+
+    data = records_file(16)
+    cfg = load_config(None, [
+        f"model.name_or_path={tiny_model_dir}", f"data.train={data}", f"train.output_dir={tmp_path / 'run'}",
+        "adapter.method=adalora", "adapter.init_r=6", "adapter.target_r=2", "adapter.tinit=2",
+        "adapter.tfinal=2", "train.max_steps=12", "train.batch_size=4", "train.learning_rate=5e-3",
+        "train.report_to=none", "data.max_length=96",
+    ])
+    run_dir = sft.run(cfg)
+    adapter_cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["peft_type"] == "ADALORA" and adapter_cfg["total_step"] == 12
+    # update_and_allocate filled in a rank pattern (plain Trainer leaves it None)
+    assert adapter_cfg["rank_pattern"], "rank budget never moved"
+    model, _ = load_for_inference(cfg.model.name_or_path, str(run_dir / "adapter"), dtype="float32")
+    ranks = adalora_ranks(model)
+    assert ranks and len(ranks) == 4 * 7  # 4 layers × 7 target modules
+    assert sum(ranks.values()) < 6 * len(ranks), "no singular value was pruned"
+    assert len(set(ranks.values())) > 1, "ranks were not reallocated unevenly"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["adapter"]["method"] == "adalora"

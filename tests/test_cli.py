@@ -1,0 +1,74 @@
+"""The command line: each subcommand's happy path and its clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from medtune.cli import build_parser, main
+
+
+def test_convert_error_names_file_row_field(sample_csv, tmp_path, capsys):
+    rc = main(["convert", "cmexam", str(sample_csv), "--out", str(tmp_path / "r.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "val_sample.csv" in err and "row 764" in err and "'answer'" in err
+    assert not (tmp_path / "r.jsonl").exists()  # nothing half-written
+
+
+def test_convert_skip_counts_and_writes_rejects(sample_csv, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    assert main(["convert", "cmexam", str(sample_csv), "--out", str(out), "--on-invalid", "skip"]) == 0
+    text = capsys.readouterr().out
+    assert "1000 rows → 999 records" in text
+    assert "1 rows rejected" in text and "159 records without an explanation" in text
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 999
+    reject = json.loads((tmp_path / "r.rejects.jsonl").read_text(encoding="utf-8"))
+    assert reject["row"] == 764 and reject["field"] == "answer"
+
+
+def test_templates_lists_all(capsys):
+    assert main(["templates"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["analysis_first", "chat", "cmexam_paper", "instructed", "qa"]
+
+
+def test_train_bad_config_key(tmp_path, capsys):
+    assert main(["train", "src/medtune/configs/quickstart.yaml", "train.lerning_rate=1"]) == 2
+    assert "train.lerning_rate: unknown key; did you mean 'train.learning_rate'?" in capsys.readouterr().err
+
+
+def test_predict_needs_run_or_model(tmp_path):
+    with pytest.raises(SystemExit, match="either --run"):
+        main(["predict", "--data", "x.jsonl", "--out", str(tmp_path / "p.jsonl")])
+
+
+def test_init_tiny_model_loads_with_auto_classes(tmp_path, records_file):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "tiny"
+    assert main(["init-tiny-model", str(out), "--data", str(records_file(50)), "--vocab-size", "600",
+                 "--hidden-size", "32", "--layers", "1"]) == 0
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 1
+    assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>" and tok.chat_template
+    text = "问题：下列哪种病变\nA: 带状疱疹\n答案：D"
+    assert tok.decode(tok(text)["input_ids"]) == text  # byte-level BPE round-trips exactly
+
+
+@pytest.mark.parametrize("command", ["convert", "train", "predict", "evaluate", "report", "init-tiny-model",
+                                     "quickstart", "templates"])
+def test_every_subcommand_has_help(command):
+    proc = subprocess.run([sys.executable, "-m", "medtune.cli", command, "--help"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage: medtune" in proc.stdout
+
+
+def test_parser_lists_subcommands():
+    help_text = build_parser().format_help()
+    for command in ("convert", "train", "predict", "evaluate", "report", "quickstart"):
+        assert command in help_text
