@@ -148,6 +148,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
+        if isinstance(value, str) and str in args and "," not in value:
+            return value  # e.g. target_modules: all-linear stays a string, not ["all-linear"]
         errors = []
         for arg in args:
             if arg is type(None):

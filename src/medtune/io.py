@@ -102,13 +102,23 @@ class JsonlAppender:
 
     def _truncate_torn_tail(self) -> None:
         # A partial last line (no trailing newline) from a killed run would corrupt the next
-        # append; cut it off so the rerun redoes that item.
+        # append; cut it off so the rerun redoes that item. ``read_jsonl_tolerant`` agrees: it
+        # counts such a line as done only when it parses, and then it is kept here.
         if not self.path.exists() or self.path.stat().st_size == 0:
             return
         data = self.path.read_bytes()
-        if not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            with open(self.path, "r+b") as fh:
+        if data.endswith(b"\n"):
+            return
+        cut = data.rfind(b"\n") + 1
+        try:  # a complete object that only lacks its newline (crash before "\n", editor) is kept
+            complete = isinstance(json.loads(data[cut:]), dict)
+        except ValueError:
+            complete = False
+        with open(self.path, "r+b") as fh:
+            if complete:
+                fh.seek(0, os.SEEK_END)
+                fh.write(b"\n")
+            else:
                 fh.truncate(cut)
 
     def write(self, row: dict[str, Any]) -> None:

@@ -1,0 +1,227 @@
+"""Run configuration: overrides, type coercion, errors naming the key, shipped recipes."""
+
+from __future__ import annotations
+
+import shlex
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from medtune.config import (
+    AdapterConfig,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    load_config,
+)
+
+REQUIRED = ["model.name_or_path=some/model", "data.train=train.jsonl"]
+CONFIG_DIR = Path(str(resources.files("medtune") / "configs"))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_with_only_required_keys():
+    cfg = load_config(None, REQUIRED)
+    assert cfg == RunConfig(
+        model=ModelConfig(name_or_path="some/model"),
+        data=DataConfig(train="train.jsonl"),
+        adapter=AdapterConfig(),
+        train=TrainConfig(),
+    )
+    assert cfg.train.learning_rate == 2e-4 and cfg.train.report_to == ["tensorboard"]
+
+
+def test_overrides_dotted_and_short_keys_are_coerced():
+    cfg = load_config(None, REQUIRED + [
+        "learning_rate=1e-4",
+        "adapter.target_modules=q_proj, v_proj",
+        "bf16=true",
+        "gradient_checkpointing=no",
+        "validation=null",
+        "save_total_limit=None",
+        "max_samples=32",
+        "epochs=2",
+        "train.report_to=tensorboard,wandb",
+        "model.attn_implementation=sdpa",
+        "stage=sft",
+        "tinit=null",
+        "dropout=0",
+    ])
+    assert cfg.train.learning_rate == 0.0001 and type(cfg.train.learning_rate) is float
+    assert cfg.adapter.target_modules == ["q_proj", "v_proj"]
+    assert cfg.train.bf16 is True
+    assert cfg.train.gradient_checkpointing is False
+    assert cfg.data.validation is None
+    assert cfg.train.save_total_limit is None
+    assert cfg.data.max_samples == 32 and type(cfg.data.max_samples) is int
+    assert cfg.train.epochs == 2.0 and type(cfg.train.epochs) is float
+    assert cfg.train.report_to == ["tensorboard", "wandb"]
+    assert cfg.model.attn_implementation == "sdpa"
+    assert cfg.adapter.tinit is None
+    assert cfg.adapter.dropout == 0.0 and type(cfg.adapter.dropout) is float
+
+
+def test_override_value_may_contain_equals_sign():
+    cfg = load_config(None, REQUIRED + ["train.output_dir=runs/a=b"])
+    assert cfg.train.output_dir == "runs/a=b"
+
+
+def test_overrides_beat_yaml_and_yaml_numbers_are_read(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "model:\n  name_or_path: m\ndata:\n  train: t.jsonl\ntrain:\n  learning_rate: 1e-4\n  batch_size: 2\n",
+        encoding="utf-8",
+    )
+    cfg = load_config(path)
+    assert cfg.train.learning_rate == 0.0001  # YAML 1.1 reads "1e-4" as a string
+    assert cfg.train.batch_size == 2
+    cfg = load_config(path, ["batch_size=16", "model.name_or_path=other"])
+    assert cfg.train.batch_size == 16 and cfg.model.name_or_path == "other"
+
+
+def test_unknown_dotted_key_suggests_the_close_one():
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, REQUIRED + ["train.learnig_rate=1e-4"])
+    msg = str(exc.value)
+    assert "train.learnig_rate" in msg
+    assert "did you mean 'train.learning_rate'?" in msg
+
+
+def test_unknown_key_in_yaml_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  name_or_path: m\n  dtyp: bfloat16\ndata:\n  train: t\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"model\.dtyp: unknown key; did you mean 'model\.dtype'\?"):
+        load_config(path)
+
+
+def test_unknown_section_and_short_key():
+    with pytest.raises(ConfigError, match="did you mean 'adapter'"):
+        load_config(None, REQUIRED + ["adaptor.r=4"])
+    with pytest.raises(ConfigError, match=r"override 'learnrate': write it as section\.key \(no section has it\)"):
+        load_config(None, REQUIRED + ["learnrate=1"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, REQUIRED + ["bf16"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "expected"),
+    [
+        ("batch_size=four", "train.batch_size", "expected an integer"),
+        ("train.max_steps=1.5", "train.max_steps", "expected an integer"),
+        ("learning_rate=fast", "train.learning_rate", "expected a number"),
+        ("bf16=maybe", "train.bf16", "expected true/false"),
+        ("max_samples=lots", "data.max_samples", "expected an integer"),
+    ],
+)
+def test_wrong_type_names_the_key(override, key, expected):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, REQUIRED + [override])
+    assert str(exc.value).startswith(f"{key}: {expected}")
+
+
+def test_wrong_type_in_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  name_or_path: m\ndata:\n  train: t\ntrain:\n  bf16: [1]\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^train\.bf16: expected true/false"):
+        load_config(path)
+    path.write_text("model: gpt2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^model: expected a mapping"):
+        load_config(path)
+    path.write_text("- a\n- b\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="expected a YAML mapping at the top level"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("adapter.method=foo", r"^adapter\.method: expected one of \['lora', 'adalora', 'full'\], got 'foo'"),
+        ("model.dtype=fp8", r"^model\.dtype: expected one of"),
+        ("data.on_invalid=ignore", r"^data\.on_invalid: expected one of \['error', 'skip'\]"),
+        ("stage=dpo", r"^stage: expected one of \['sft'\]"),
+        ("val_fraction=1.0", r"^data\.val_fraction: expected 0 <= x < 1"),
+        ("learning_rate=0", r"^train\.learning_rate: must be > 0"),
+        ("adapter.r=0", r"^adapter\.r: must be > 0"),
+        ("max_length=-1", r"^data\.max_length: must be > 0"),
+    ],
+)
+def test_bad_values_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, REQUIRED + [override])
+
+
+def test_bf16_and_fp16_together_rejected():
+    with pytest.raises(ConfigError, match="train.bf16 and train.fp16"):
+        load_config(None, REQUIRED + ["bf16=true", "fp16=true"])
+
+
+def test_required_keys():
+    with pytest.raises(ConfigError, match=r"^model\.name_or_path: required"):
+        load_config(None, ["data.train=t.jsonl"])
+    with pytest.raises(ConfigError, match=r"^data\.train: required"):
+        load_config(None, ["model.name_or_path=m"])
+
+
+SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def test_shipped_configs_found():
+    assert [p.name for p in SHIPPED] == ["cmexam_adalora_7b.yaml", "cmexam_lora_7b.yaml", "quickstart.yaml"]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_config_loads_and_its_command_line_works(path):
+    cfg = load_config(path)
+    assert cfg.stage == "sft"
+    assert cfg.model.name_or_path and cfg.data.train
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("# medtune train ")
+    args = shlex.split(first[len("# medtune train "):])
+    # The usage line names this very file and its overrides are valid.
+    assert (REPO_ROOT / args[0]).resolve() == path.resolve()
+    assert all("=" in a for a in args[1:])
+    from_usage = load_config(path, args[1:])
+    for item in args[1:]:
+        key, value = item.split("=", 1)
+        section, leaf = key.split(".")
+        got = getattr(getattr(from_usage, section), leaf)
+        assert str(got).lower() == value.lower()
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_config_uses_a_shipped_template(path):
+    from medtune.templates import available
+
+    assert load_config(path).data.template in available()
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = load_config(CONFIG_DIR / "cmexam_lora_7b.yaml", [
+        "adapter.target_modules=q_proj,v_proj", "save_total_limit=null", "max_samples=100", "tinit=5",
+    ])
+    path = tmp_path / "run" / "config.yaml"
+    cfg.save(path)
+    loaded = load_config(path)
+    assert loaded == cfg
+    assert loaded.adapter.target_modules == ["q_proj", "v_proj"]
+    assert loaded.train.save_total_limit is None
+    assert loaded.data.validation == "cmexam_val.jsonl"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["config.yaml"]
+
+
+def test_round_trip_of_defaults(tmp_path):
+    cfg = load_config(None, REQUIRED)
+    cfg.save(tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_all_linear_stays_a_string():
+    from medtune.config import load_config
+
+    base = ["model.name_or_path=m", "data.train=t.jsonl"]
+    assert load_config(None, [*base, "adapter.target_modules=all-linear"]).adapter.target_modules == "all-linear"
+    assert load_config(None, [*base, "adapter.target_modules=q_proj,v_proj"]).adapter.target_modules == [
+        "q_proj", "v_proj"]
