@@ -46,3 +46,24 @@ def test_adalora_ranks_change(tmp_path, tiny_model_dir, records_file):
     assert len(set(ranks.values())) > 1, "ranks were not reallocated unevenly"
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["adapter"]["method"] == "adalora"
+
+
+def test_validation_loss_each_epoch_and_grad_accumulation(tmp_path, tiny_model_dir, records_file):
+    from medtune.train import sft
+
+    data = records_file(20)
+    cfg = load_config(None, [
+        f"model.name_or_path={tiny_model_dir}", f"data.train={data}", f"train.output_dir={tmp_path / 'run'}",
+        "data.val_fraction=0.2", "train.epochs=2", "train.batch_size=2", "train.gradient_accumulation_steps=2",
+        "train.report_to=none", "data.max_length=256",
+    ])
+    run_dir = sft.run(cfg)
+    logs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in logs if "eval_loss" in r]
+    assert [r["epoch"] for r in evals] == [1.0, 2.0]  # validation loss once per epoch
+    summary = json.loads((run_dir / "data_summary.json").read_text())
+    assert summary["train"]["examples"] == 16 and summary["validation"]["examples"] == 4
+    # 16 examples / batch 2 = 8 micro-batches; accumulating 2 → 4 optimiser steps per epoch
+    assert json.loads((run_dir / "trainer_state.json").read_text())["global_step"] == 8
+    final = json.loads((run_dir / "train_results.json").read_text())
+    assert final["global_step"] == 8 and "eval_loss" in final

@@ -1,7 +1,7 @@
 r"""Answer extraction for multiple-choice outputs, plus answer/explanation splitting.
 
 All functions are pure. Answers are letter strings in option order (``"ACD"``); ``""`` means
-"no answer" and is scored as wrong (see /work/shared/docs/METRICS.md).
+"no answer" and is scored as wrong (see docs/METRICS.md).
 
 Two parsers are provided:
 

@@ -1,4 +1,4 @@
-"""CMExam metrics, implemented to the letter of /work/shared/docs/METRICS.md.
+"""CMExam metrics, implemented to the letter of docs/METRICS.md.
 
 All scores are × 100. Every metric states its tokenisation and level in :data:`METRICS`.
 

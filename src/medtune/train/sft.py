@@ -143,7 +143,8 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         tokenizer.save_pretrained(str(out))
         trainer.save_state()
         final = {"global_step": trainer.state.global_step, "total_steps_planned": total_steps}
-        if has_val:
-            final.update(trainer.evaluate())
+        evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+        if evals:  # the last epoch's validation, already computed (no second pass over the data)
+            final.update(evals[-1])
         common.save_json(run_dir / "train_results.json", final)
     return run_dir
