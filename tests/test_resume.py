@@ -52,7 +52,7 @@ def test_killed_run_resumes(tmp_path, tiny_model_dir, records_file):
     assert steps == list(range(1, MAX_STEPS + 1))
 
 
-def test_changed_config_refuses_to_resume(tmp_path, tiny_model_dir, records_file):
+def test_changed_config_refuses_to_resume(tmp_path, tiny_model_dir, records_file, capsys):
     from medtune.cli import main
 
     data = records_file(8)
@@ -61,3 +61,6 @@ def test_changed_config_refuses_to_resume(tmp_path, tiny_model_dir, records_file
             f"data.train={data}", f"train.output_dir={out}", "train.max_steps=2", "train.report_to=none"]
     assert main(base) == 0
     assert main([*base, "train.learning_rate=1e-3"]) == 2  # different experiment, same folder
+    data.write_text(data.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    assert main(base) == 2  # same config, but the training data changed
+    assert "SHA-256 changed" in capsys.readouterr().err

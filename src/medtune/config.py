@@ -260,4 +260,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a YAML mapping at the top level")
     data = apply_overrides(data, overrides or [])
-    return _build(RunConfig, data, "").validate()
+    cfg = _build(RunConfig, data, "").validate()
+    # Local paths become absolute, so a run directory's config.yaml works from any folder
+    # (predict --run, export). Hub ids and missing paths are left as written.
+    for section, key in (("model", "name_or_path"), ("data", "train"), ("data", "validation")):
+        value = getattr(getattr(cfg, section), key)
+        if value and Path(value).exists():
+            setattr(getattr(cfg, section), key, str(Path(value).resolve()))
+    return cfg

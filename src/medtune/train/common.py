@@ -87,6 +87,16 @@ def prepare_run_dir(cfg: RunConfig, resume: bool = True) -> tuple[Path, str | No
                 f"{run_dir} holds a run with a different config ({diff}); "
                 "choose another train.output_dir or delete that directory"
             )
+    env_path = run_dir / "env.json"
+    if env_path.exists():
+        with open(env_path, encoding="utf-8") as fh:
+            recorded = json.load(fh).get("data", {})
+        for path, digest in recorded.items():
+            if os.path.exists(path) and file_sha256(path) != digest:
+                raise RunDirError(
+                    f"{run_dir} was trained on a different version of {path} (SHA-256 changed); "
+                    "choose another train.output_dir or delete that directory"
+                )
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = last_complete_checkpoint(run_dir) if resume else None
     return run_dir, checkpoint
