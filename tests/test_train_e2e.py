@@ -81,3 +81,21 @@ def test_tuned_model_answers_its_questions(trained, tiny_model_dir):
     # no answer leakage: the prompt ends with the answer cue and holds no gold letter line
     line = json.loads((work / "tuned.jsonl").read_text().splitlines()[0])
     assert line["prompt"].endswith("答案：") and "理由" not in line["prompt"]
+
+
+def test_loglik_agrees_with_generation(trained):
+    work, records, run_dir = trained
+    if not (work / "eval-tuned" / "scored.jsonl").exists():
+        pytest.skip("needs test_tuned_model_answers_its_questions to have run")
+    assert main(["evaluate", "--mode", "loglik", "--run", str(run_dir), "--data", str(records),
+                 "--out", str(work / "eval-loglik")]) == 0
+    gen = {json.loads(x)["id"]: json.loads(x) for x in (work / "eval-tuned" / "scored.jsonl").read_text().splitlines()}
+    ll = [json.loads(x) for x in (work / "eval-loglik" / "scored.jsonl").read_text().splitlines()]
+    assert len(ll) == 32
+    confident = [r for r in ll if gen[r["id"]]["output"][:1] in r["options"]]
+    assert len(confident) >= 28
+    # greedy generation's first token and the argmax over option letters are the same decision
+    assert all(r["parsed"] == gen[r["id"]]["output"][0] for r in confident)
+    results = json.loads((work / "eval-loglik" / "results.json").read_text())
+    assert results["mode"] == "loglik" and results["accuracy"] >= 90 and results["bleu_1"] is None
+    assert set(ll[0]["option_scores"]) == set(ll[0]["options"])

@@ -49,27 +49,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ---- predict -----------------------------------------------------------------------------------------
+def _model_source(args: argparse.Namespace, command: str) -> tuple[str, str | None, object, str, bool]:
+    """``(model_path, adapter, template, dtype, trust_remote_code)`` from --run or --model."""
+    from medtune.inference.predict import resolve_run
+    from medtune.templates import get_template
+
+    if bool(args.run) == bool(args.model):
+        raise SystemExit(f"{command}: give either --run RUN_DIR or --model PATH")
+    if args.run:
+        if args.template:
+            raise SystemExit(f"{command}: --template conflicts with --run (the run's saved template is used)")
+        art = resolve_run(args.run)
+        return art.model_path, art.adapter_path, art.template, art.dtype, art.trust_remote_code
+    return args.model, args.adapter, get_template(args.template or "qa"), args.dtype, args.trust_remote_code
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """Generate answers for a records file, resumably."""
     from medtune.data.exam import load_exam_file
     from medtune.inference.base import GenerationParams
     from medtune.inference.hf import HFBackend
-    from medtune.inference.predict import predict, resolve_run
+    from medtune.inference.predict import predict
     from medtune.models import load_for_inference
-    from medtune.templates import get_template
 
-    if bool(args.run) == bool(args.model):
-        raise SystemExit("predict: give either --run RUN_DIR or --model PATH")
-    if args.run:
-        art = resolve_run(args.run)
-        model_path, adapter, template = art.model_path, art.adapter_path, art.template
-        dtype, trust = art.dtype, art.trust_remote_code
-        if args.template:
-            raise SystemExit("predict: --template conflicts with --run (the run's saved template is used)")
-    else:
-        model_path, adapter = args.model, args.adapter
-        template = get_template(args.template or "qa")
-        dtype, trust = args.dtype, args.trust_remote_code
+    model_path, adapter, template, dtype, trust = _model_source(args, "predict")
     records, _ = load_exam_file(args.data)
     if args.limit:
         records = records[: args.limit]
@@ -90,11 +93,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 # ---- evaluate ---------------------------------------------------------------------------------------
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Score predictions with the CMExam metrics."""
-    from medtune.evaluation.evaluate import evaluate
+    """Score predictions (generate mode) or score options by log-likelihood (loglik mode)."""
+    from medtune.evaluation.evaluate import evaluate, evaluate_loglik
     from medtune.report.markdown import load_eval, results_table
 
-    evaluate(args.predictions, args.out, parser=args.parser, template=args.template, tokenizer=args.tokenizer)
+    if args.mode == "generate":
+        if not args.predictions:
+            raise SystemExit("evaluate: give the predictions .jsonl (or --mode loglik with --data)")
+        evaluate(args.predictions, args.out, parser=args.parser, template=args.template, tokenizer=args.tokenizer)
+    else:
+        from medtune.data.exam import load_exam_file
+        from medtune.models import load_for_inference
+
+        if args.predictions or not args.data:
+            raise SystemExit("evaluate --mode loglik: give --data records.jsonl (and no predictions file)")
+        model_path, adapter, template, dtype, trust = _model_source(args, "evaluate")
+        records, _ = load_exam_file(args.data)
+        if args.limit:
+            records = records[: args.limit]
+        model, tokenizer = load_for_inference(model_path, adapter, dtype=dtype, trust_remote_code=trust)
+        evaluate_loglik(records, model, tokenizer, template, args.out, choices=args.choices,
+                        batch_size=args.batch_size, source=str(args.data))
     print(results_table([load_eval(args.out)], paper=False))
     print(f"results: {Path(args.out) / 'results.json'}")
     return 0
@@ -107,6 +126,33 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = write_report(args.eval_dirs, args.out, samples=args.samples)
     print(f"report: {out}")
+    return 0
+
+
+# ---- compare -------------------------------------------------------------------------------------------
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Compare evaluation directories: metrics table, McNemar, per-category deltas, examples."""
+    from medtune.evaluation.compare import compare_runs
+
+    labels = args.labels.split(",") if args.labels else None
+    result = compare_runs(args.eval_dirs, args.out, labels=labels)
+    for comp in result["comparisons"]:
+        print(comp["reading"])
+    print(f"comparison: {Path(args.out) / 'comparison.md'}")
+    return 0
+
+
+# ---- sweep -----------------------------------------------------------------------------------------------
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Train → predict → evaluate for every grid combination, then compare them."""
+    from medtune.sweep import run_sweep
+
+    summary = run_sweep(args.config, args.grid, args.eval_data, args.out, overrides=args.overrides,
+                        mode=args.mode, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    done = sum(c["status"] == "done" for c in summary["combinations"])
+    print(f"{len(summary['combinations'])} combinations ({done} run now, the rest finished earlier)")
+    print(f"comparison: {summary['comparison']}/comparison.md")
+    print(f"report:     {summary['report']}")
     return 0
 
 
@@ -151,6 +197,15 @@ def cmd_templates(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_args(p: argparse.ArgumentParser, template_help: str = "template name or YAML (with --model; default qa)") -> None:
+    p.add_argument("--run", help="training run directory (model, adapter and template from it)")
+    p.add_argument("--model", help="base model folder or hub id (instead of --run)")
+    p.add_argument("--adapter", help="peft adapter folder (with --model)")
+    p.add_argument("--template", help=template_help)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's code")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line."""
     p = argparse.ArgumentParser(prog="medtune", description="Fine-tune LLMs on Chinese medical exams and measure it.")
@@ -174,27 +229,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("predict", help="batched greedy generation, appended as it goes")
-    pr.add_argument("--run", help="training run directory (model, adapter and template from it)")
-    pr.add_argument("--model", help="base model folder or hub id (instead of --run)")
-    pr.add_argument("--adapter", help="peft adapter folder (with --model)")
-    pr.add_argument("--template", help="template name or YAML (with --model; default qa)")
+    _model_args(pr)
     pr.add_argument("--data", required=True, help="records .jsonl or a raw CMExam file")
     pr.add_argument("--out", required=True, help="predictions .jsonl (existing ids are skipped)")
     pr.add_argument("--batch-size", type=int, default=8)
     pr.add_argument("--max-new-tokens", type=int, default=128)
     pr.add_argument("--limit", type=int, help="only the first N records")
-    pr.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    pr.add_argument("--trust-remote-code", action="store_true", help="run the model repository's code")
     pr.set_defaults(func=cmd_predict)
 
     e = sub.add_parser("evaluate", help="accuracy, F1, BLEU, ROUGE as the CMExam paper computes them")
-    e.add_argument("predictions", help="predictions .jsonl")
+    e.add_argument("predictions", nargs="?", help="predictions .jsonl (generate mode)")
     e.add_argument("--out", required=True, help="evaluation directory (results.json, scored.jsonl)")
+    e.add_argument("--mode", choices=["generate", "loglik"], default="generate",
+                   help="score generated outputs (default) or score each option by log-likelihood")
     e.add_argument("--parser", choices=["robust", "strict"], default="robust",
                    help="robust (ours, default) or strict (bug-compatible with the paper)")
-    e.add_argument("--template", help="template to locate answers/explanations (default: per line)")
     e.add_argument("--tokenizer", choices=["char", "jieba"], default="char",
                    help="explanation BLEU tokens: characters (paper) or legacy jieba words")
+    _model_args(e, template_help="template locating answers (generate) or building prompts (loglik)")
+    e.add_argument("--data", help="records .jsonl or raw CMExam file (loglik mode)")
+    e.add_argument("--choices", choices=["letters", "text"], default="letters",
+                   help="loglik: score option letters (default) or option texts")
+    e.add_argument("--batch-size", type=int, default=16, help="loglik: questions per forward pass")
+    e.add_argument("--limit", type=int, help="loglik: only the first N records")
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("report", help="report.md comparing evaluation directories with the paper")
@@ -202,6 +259,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="report.md")
     r.add_argument("--samples", type=int, default=4, help="sample answers per run")
     r.set_defaults(func=cmd_report)
+
+    co = sub.add_parser("compare", help="runs side by side: paper table, McNemar, per-category deltas, examples")
+    co.add_argument("eval_dirs", nargs="+", help="evaluation directories; the first is the baseline")
+    co.add_argument("--out", required=True, help="folder for comparison.md / comparison.json")
+    co.add_argument("--labels", help="comma-separated run names (default: folder names)")
+    co.set_defaults(func=cmd_compare)
+
+    sw = sub.add_parser("sweep", help="train → predict → evaluate over a grid, resumable, then compare")
+    sw.add_argument("config", help="base YAML recipe")
+    sw.add_argument("overrides", nargs="*", help="key=value overrides applied to every combination")
+    sw.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
+                    help="e.g. template=qa,analysis_first learning_rate=1e-4,2e-4")
+    sw.add_argument("--eval-data", required=True, help="records to evaluate every combination on")
+    sw.add_argument("--out", required=True, help="sweep folder (one subfolder per combination)")
+    sw.add_argument("--mode", choices=["generate", "loglik"], default="generate")
+    sw.add_argument("--max-new-tokens", type=int, default=128)
+    sw.add_argument("--batch-size", type=int, default=8)
+    sw.set_defaults(func=cmd_sweep)
 
     i = sub.add_parser("init-tiny-model", help="build a tiny random-weight model + tokenizer locally")
     i.add_argument("out_dir")

@@ -7,10 +7,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from medtune.evaluation.breakdowns import accuracy_breakdowns, confusion_matrix, letter_distribution
 from medtune.evaluation.extract import find_explanation, parse_robust, parse_strict, split_output
 from medtune.evaluation.metrics import TOKENIZER_LABELS, answer_scores, explanation_scores
 from medtune.io import DataFileError, atomic_write_json, iter_jsonl, write_jsonl
-from medtune.records import normalise_letters
+from medtune.records import ExamRecord, normalise_letters
 from medtune.templates import ExamTemplate, TemplateError, get_template
 
 log = logging.getLogger(__name__)
@@ -77,32 +78,90 @@ def evaluate(
     if not scored:
         raise DataFileError(predictions, None, "answer", "no row has a gold answer; nothing to evaluate")
 
-    answers = answer_scores([r["answer"] for r in scored], [r["parsed"] for r in scored])
-    with_ref = [r for r in scored if str(r.get("explanation") or "").strip()]
-    explanations = explanation_scores(
-        [r["explanation_scored"] for r in scored], [str(r.get("explanation") or "") for r in scored], tokenizer
-    ) if with_ref else {"n_explanations_scored": 0, "n_explanations_excluded": len(scored)}
+    results = summarise(scored, unscorable, tokenizer=tokenizer)
+    results.update(
+        mode="generate",
+        parser=parser,
+        templates=sorted(templates_seen),
+        predictions=str(predictions),
+    )
+    write_outputs(out_dir, results, scored, unscorable)
+    return results
 
-    results = {
-        **{k: answers[k] for k in ("accuracy", "f1")},
-        **{k: explanations.get(k) for k in ("bleu_1", "bleu_4", "rouge_1", "rouge_2", "rouge_l")},
-        "n": answers["n"],
-        "n_no_answer": answers["n_no_answer"],
-        "n_explanations_scored": explanations["n_explanations_scored"],
-        "n_explanations_excluded": explanations["n_explanations_excluded"],
-        "n_unscorable": len(unscorable),
-        "accuracy_single": answers["accuracy_single"],
-        "n_single": answers["n_single"],
-        "accuracy_multi": answers["accuracy_multi"],
-        "n_multi": answers["n_multi"],
-        "parser": parser,
-        "tokenizer": TOKENIZER_LABELS[tokenizer],
-        "templates": sorted(templates_seen),
-        "predictions": str(predictions),
-    }
+
+def summarise(scored: list[dict[str, Any]], unscorable: list[dict[str, Any]], tokenizer: str | None) -> dict[str, Any]:
+    """Answer metrics, explanation metrics (when ``tokenizer`` is given) and breakdowns."""
+    answers = answer_scores([r["answer"] for r in scored], [r["parsed"] for r in scored])
+    results: dict[str, Any] = {k: answers[k] for k in ("accuracy", "f1")}
+    if tokenizer is not None and any(str(r.get("explanation") or "").strip() for r in scored):
+        explanations = explanation_scores(
+            [r["explanation_scored"] for r in scored], [str(r.get("explanation") or "") for r in scored], tokenizer
+        )
+    else:
+        explanations = {"n_explanations_scored": 0, "n_explanations_excluded": len(scored)}
+    results.update({k: explanations.get(k) for k in ("bleu_1", "bleu_4", "rouge_1", "rouge_2", "rouge_l")})
+    results.update(
+        n=answers["n"],
+        n_no_answer=answers["n_no_answer"],
+        n_explanations_scored=explanations["n_explanations_scored"],
+        n_explanations_excluded=explanations["n_explanations_excluded"],
+        n_unscorable=len(unscorable),
+        accuracy_single=answers["accuracy_single"],
+        n_single=answers["n_single"],
+        accuracy_multi=answers["accuracy_multi"],
+        n_multi=answers["n_multi"],
+        tokenizer=TOKENIZER_LABELS[tokenizer] if tokenizer else None,
+        breakdowns=accuracy_breakdowns(scored),
+        confusion=confusion_matrix(scored),
+        letter_distribution=letter_distribution(scored),
+    )
+    return results
+
+
+def write_outputs(out_dir: str | Path, results: dict[str, Any], scored: list[dict[str, Any]],
+                  unscorable: list[dict[str, Any]]) -> None:
+    """``scored.jsonl``, ``unscorable.jsonl`` (when any) and ``results.json``, each atomically."""
     out_dir = Path(out_dir)
     write_jsonl(out_dir / "scored.jsonl", scored)
     if unscorable:
         write_jsonl(out_dir / "unscorable.jsonl", unscorable)
     atomic_write_json(out_dir / "results.json", results)
+
+
+def evaluate_loglik(
+    records: list[ExamRecord],
+    model: Any,
+    tokenizer: Any,
+    template: ExamTemplate,
+    out_dir: str | Path,
+    choices: str = "letters",
+    batch_size: int = 16,
+    source: str = "",
+) -> dict[str, Any]:
+    """Log-likelihood evaluation (no generation); same output files as ``evaluate``."""
+    from medtune.evaluation.loglik import MULTI_METHOD, build_requests, pick
+    from medtune.inference.hf import continuation_logprobs
+
+    requests, cand_lists = build_requests(records, template, tokenizer, choices)
+    scores = continuation_logprobs(model, requests, tokenizer.pad_token_id, batch_size=batch_size)
+    picks = pick(records, cand_lists, scores, choices)
+    scored = [
+        {**rec.to_dict(), "template": template.name, **p, "correct": p["parsed"] == rec.answer,
+         "correct_norm": p["parsed_norm"] == rec.answer}
+        for rec, p in zip(records, picks, strict=True)
+    ]
+    results = summarise(scored, [], tokenizer=None)
+    norm = answer_scores([r["answer"] for r in scored], [r["parsed_norm"] for r in scored])
+    results.update(
+        acc_norm=norm["accuracy"],
+        acc_norm_single=norm["accuracy_single"],
+        acc_norm_multi=norm["accuracy_multi"],
+        mode="loglik",
+        parser=f"loglik ({choices})",
+        choices=choices,
+        multi_answer_method=MULTI_METHOD,
+        templates=[template.name],
+        predictions=source,
+    )
+    write_outputs(out_dir, results, scored, [])
     return results

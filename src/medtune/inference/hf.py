@@ -47,3 +47,62 @@ class HFBackend:
         out = self.model.generate(**enc, **kwargs)
         new_tokens = out[:, enc["input_ids"].shape[1] :]
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+@torch.inference_mode()
+def continuation_logprobs(
+    model: Any,
+    requests: list[tuple[list[int], list[list[int]]]],
+    pad_id: int,
+    batch_size: int = 16,
+) -> list[list[float]]:
+    """Summed log-probability of each continuation given its context, token ids in and out.
+
+    ``requests`` is one ``(context_ids, [continuation_ids, ...])`` per question. When every
+    continuation of a question is a single token (answer letters, the usual case) the question
+    costs one forward pass over its context: all candidates are read off the last position's
+    distribution. Otherwise each ``context + continuation`` is scored as its own sequence.
+    Position ids are passed explicitly, so left padding does not shift positions.
+    """
+    device = next(model.parameters()).device
+    results: list[list[float] | None] = [None] * len(requests)
+
+    fast = [i for i, (_, conts) in enumerate(requests) if all(len(c) == 1 for c in conts)]
+    slow = [(i, j) for i, (_, conts) in enumerate(requests) if i not in set(fast) for j in range(len(conts))]
+
+    def forward(seqs: list[list[int]]) -> tuple[torch.Tensor, int]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):  # left padding: every sequence ends at the last column
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       position_ids=positions.to(device)).logits
+        return torch.log_softmax(logits.float(), dim=-1), width
+
+    fast.sort(key=lambda i: len(requests[i][0]))
+    for start in range(0, len(fast), batch_size):
+        chunk = fast[start : start + batch_size]
+        logprobs, _ = forward([requests[i][0] for i in chunk])
+        last = logprobs[:, -1, :]
+        for row, i in enumerate(chunk):
+            results[i] = [float(last[row, c[0]]) for c in requests[i][1]]
+
+    slow.sort(key=lambda ij: len(requests[ij[0]][0]) + len(requests[ij[0]][1][ij[1]]))
+    partial: dict[int, dict[int, float]] = {}
+    for start in range(0, len(slow), batch_size):
+        chunk = slow[start : start + batch_size]
+        seqs = [requests[i][0] + requests[i][1][j] for i, j in chunk]
+        logprobs, width = forward(seqs)
+        for row, (i, j) in enumerate(chunk):
+            cont = requests[i][1][j]
+            end = width  # the sequence's last column; continuation token k sits at end - len(cont) + k
+            first = end - len(cont)
+            # the token at column t is predicted by the distribution at column t - 1
+            picked = logprobs[row, first - 1 : end - 1, :].gather(1, torch.tensor(cont, device=device)[:, None])
+            partial.setdefault(i, {})[j] = float(picked.sum())
+    for i, scores in partial.items():
+        results[i] = [scores[j] for j in range(len(requests[i][1]))]
+    return [r if r is not None else [] for r in results]

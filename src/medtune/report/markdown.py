@@ -74,11 +74,26 @@ def _samples(ev: dict[str, Any], k: int) -> list[str]:
     return out
 
 
-def write_report(eval_dirs: list[str | Path], out: str | Path, samples: int = 4) -> Path:
-    """Write ``report.md`` comparing the given evaluation directories."""
+def write_report(
+    eval_dirs: list[str | Path],
+    out: str | Path,
+    samples: int = 4,
+    labels: list[str] | None = None,
+    run_dirs: dict[str, Path] | None = None,
+) -> Path:
+    """Write ``report.md`` comparing the given evaluation directories.
+
+    ``labels`` name the runs (default: folder names); ``run_dirs`` maps a label to its training
+    run directory, for the loss curves.
+    """
     evals = [load_eval(d) for d in eval_dirs]
-    parsers = sorted({ev["results"].get("parser", "?") for ev in evals})
-    tokenizers = sorted({ev["results"].get("tokenizer", "?") for ev in evals})
+    if labels:
+        if len(labels) != len(evals):
+            raise ValueError(f"{len(labels)} labels for {len(evals)} evaluation directories")
+        for ev, label in zip(evals, labels, strict=True):
+            ev["label"] = label
+    parsers = sorted({str(ev["results"].get("parser", "?")) for ev in evals})
+    tokenizers = sorted({ev["results"]["tokenizer"] for ev in evals if ev["results"].get("tokenizer")}) or ["–"]
     parts = [
         "# medtune evaluation report",
         "",
