@@ -124,8 +124,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write report.md comparing evaluation directories."""
     from medtune.report.markdown import write_report
 
-    out = write_report(args.eval_dirs, args.out, samples=args.samples)
+    labels = args.labels.split(",") if args.labels else None
+    run_dirs = {}
+    for item in args.run or []:
+        label, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"report: --run {item!r}: expected LABEL=RUN_DIR")
+        run_dirs[label] = Path(path)
+    out = write_report(args.eval_dirs, args.out, samples=args.samples, labels=labels, run_dirs=run_dirs or None)
     print(f"report: {out}")
+    print(f"html:   {out.with_suffix('.html')}")
     return 0
 
 
@@ -254,10 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="loglik: only the first N records")
     e.set_defaults(func=cmd_evaluate)
 
-    r = sub.add_parser("report", help="report.md comparing evaluation directories with the paper")
+    r = sub.add_parser("report", help="report.md + report.html (plots) comparing runs with the paper")
     r.add_argument("eval_dirs", nargs="+")
     r.add_argument("--out", default="report.md")
     r.add_argument("--samples", type=int, default=4, help="sample answers per run")
+    r.add_argument("--labels", help="comma-separated run names (default: folder names)")
+    r.add_argument("--run", action="append", metavar="LABEL=RUN_DIR",
+                   help="training run whose loss curve to plot (repeatable)")
     r.set_defaults(func=cmd_report)
 
     co = sub.add_parser("compare", help="runs side by side: paper table, McNemar, per-category deltas, examples")

@@ -103,5 +103,5 @@ def run_quickstart(
     for label, eval_dir in eval_dirs.items():
         evaluate(out / "predictions" / f"{label}.jsonl", eval_dir)
     order = ["base-seen", "tuned-seen", "base-heldout", "tuned-heldout"]
-    report = write_report([eval_dirs[k] for k in order], out / "report.md")
+    report = write_report([eval_dirs[k] for k in order], out / "report.md", run_dirs={"sft-lora": run_dir})
     return QuickstartResult(out, run_dir, eval_dirs, report)

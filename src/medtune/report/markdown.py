@@ -123,5 +123,14 @@ def write_report(
         if lines:
             parts += ["", f"## Sample answers: {ev['label']}", "", *lines]
     out = Path(out)
+    # The HTML page (self-contained, plots embedded) is written beside report.md; the markdown
+    # links the same PNGs.
+    from medtune.report.html import list_plots, markdown_plot_section, write_html_report
+
+    html = write_html_report(eval_dirs, out.with_suffix(".html"), run_dirs=run_dirs, samples=samples,
+                             labels=[ev["label"] for ev in evals])
+    section = markdown_plot_section(list_plots(html), out.parent)
+    if section:
+        parts += ["", section]
     atomic_write_text(out, "\n".join(parts) + "\n")
     return out
