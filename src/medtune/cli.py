@@ -191,6 +191,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print()
     print(f"run directory: {res.run_dir}")
     print(f"report:        {res.report}")
+    print(f"html report:   {res.report.with_suffix('.html')}")
     return 0
 
 
