@@ -72,3 +72,16 @@ def test_parser_lists_subcommands():
     help_text = build_parser().format_help()
     for command in ("convert", "train", "predict", "evaluate", "report", "quickstart"):
         assert command in help_text
+
+
+def test_vllm_backend_without_vllm_gives_a_clear_error(tiny_model_dir, records_file, tmp_path, capsys):
+    pytest.importorskip("torch")
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vllm is installed here")
+    except ImportError:
+        pass
+    rc = main(["predict", "--model", str(tiny_model_dir), "--backend", "vllm", "--data", str(records_file(2)),
+               "--out", str(tmp_path / "p.jsonl")])
+    assert rc == 2
+    assert "pip install 'medtune[vllm]'" in capsys.readouterr().err

@@ -49,45 +49,48 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ---- predict -----------------------------------------------------------------------------------------
-def _model_source(args: argparse.Namespace, command: str) -> tuple[str, str | None, object, str, bool]:
-    """``(model_path, adapter, template, dtype, trust_remote_code)`` from --run or --model."""
-    from medtune.inference.predict import resolve_run
-    from medtune.templates import get_template
-
-    if bool(args.run) == bool(args.model):
+def _check_source(args: argparse.Namespace, command: str) -> str | None:
+    """The run directory, after checking exactly one of run/--model was given (before slow work)."""
+    run = getattr(args, "run_dir", None) or args.run
+    if bool(run) == bool(args.model):
         raise SystemExit(f"{command}: give either --run RUN_DIR or --model PATH")
-    if args.run:
-        if args.template:
-            raise SystemExit(f"{command}: --template conflicts with --run (the run's saved template is used)")
-        art = resolve_run(args.run)
-        return art.model_path, art.adapter_path, art.template, art.dtype, art.trust_remote_code
-    return args.model, args.adapter, get_template(args.template or "qa"), args.dtype, args.trust_remote_code
+    return run
+
+
+def _load(args: argparse.Namespace, command: str):  # noqa: ANN202 - returns medtune.inference.loading.Loaded
+    from medtune.inference.loading import load_backend
+
+    run = _check_source(args, command)
+    try:
+        return load_backend(run=run, model=args.model, adapter=args.adapter, template=args.template,
+                            dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                            backend=getattr(args, "backend", "hf"))
+    except ValueError as exc:
+        raise SystemExit(f"{command}: {exc}") from None
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Generate answers for a records file, resumably."""
     from medtune.data.exam import load_exam_file
     from medtune.inference.base import GenerationParams
-    from medtune.inference.hf import HFBackend
     from medtune.inference.predict import predict
-    from medtune.models import load_for_inference
 
-    model_path, adapter, template, dtype, trust = _model_source(args, "predict")
+    _check_source(args, "predict")
     records, _ = load_exam_file(args.data)
     if args.limit:
         records = records[: args.limit]
-    model, tokenizer = load_for_inference(model_path, adapter, dtype=dtype, trust_remote_code=trust)
+    loaded = _load(args, "predict")
     stats = predict(
         records,
-        HFBackend(model, tokenizer),
-        template,
+        loaded.backend,
+        loaded.template,
         args.out,
         GenerationParams(max_new_tokens=args.max_new_tokens),
         batch_size=args.batch_size,
-        tokenizer=tokenizer,
+        tokenizer=getattr(loaded.backend, "tokenizer", None),
     )
     print(f"{args.out}: {stats['predicted']} predicted, {stats['already_done']} already there "
-          f"(template {template.name})")
+          f"(template {loaded.template.name})")
     return 0
 
 
@@ -103,17 +106,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         evaluate(args.predictions, args.out, parser=args.parser, template=args.template, tokenizer=args.tokenizer)
     else:
         from medtune.data.exam import load_exam_file
-        from medtune.models import load_for_inference
 
         if args.predictions or not args.data:
             raise SystemExit("evaluate --mode loglik: give --data records.jsonl (and no predictions file)")
-        model_path, adapter, template, dtype, trust = _model_source(args, "evaluate")
+        _check_source(args, "evaluate")
         records, _ = load_exam_file(args.data)
         if args.limit:
             records = records[: args.limit]
-        model, tokenizer = load_for_inference(model_path, adapter, dtype=dtype, trust_remote_code=trust)
-        evaluate_loglik(records, model, tokenizer, template, args.out, choices=args.choices,
-                        batch_size=args.batch_size, source=str(args.data))
+        loaded = _load(args, "evaluate")
+        evaluate_loglik(records, loaded.backend.model, loaded.backend.tokenizer, loaded.template, args.out,
+                        choices=args.choices, batch_size=args.batch_size, source=str(args.data))
     print(results_table([load_eval(args.out)], paper=False))
     print(f"results: {Path(args.out) / 'results.json'}")
     return 0
@@ -162,6 +164,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"comparison: {summary['comparison']}/comparison.md")
     print(f"report:     {summary['report']}")
     return 0
+
+
+# ---- chat / serve / webui ---------------------------------------------------------------------------------
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive terminal chat (or exam questions with --exam)."""
+    from medtune.inference.base import GenerationParams
+    from medtune.inference.terminal import TerminalChat
+
+    loaded = _load(args, "chat")
+    params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    print(f"medtune chat · {loaded.name} · template {loaded.template.name}")
+    return TerminalChat(loaded.backend, loaded.template, params, exam=args.exam, system=args.system).run()
 
 
 # ---- init-tiny-model -----------------------------------------------------------------------------------
@@ -244,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=8)
     pr.add_argument("--max-new-tokens", type=int, default=128)
     pr.add_argument("--limit", type=int, help="only the first N records")
+    pr.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="vllm: pip install 'medtune[vllm]', GPU")
     pr.set_defaults(func=cmd_predict)
 
     e = sub.add_parser("evaluate", help="accuracy, F1, BLEU, ROUGE as the CMExam paper computes them")
@@ -290,6 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--batch-size", type=int, default=8)
     sw.set_defaults(func=cmd_sweep)
 
+    ch = sub.add_parser("chat", help="interactive chat with streamed replies (/reset, /compare, /exit)")
+    ch.add_argument("run_dir", nargs="?", help="training run directory")
+    _model_args(ch)
+    ch.add_argument("--exam", action="store_true", help="exam mode: question + options → parsed answer")
+    ch.add_argument("--system", help="system message for chat mode")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ch.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    ch.set_defaults(func=cmd_chat)
+
     i = sub.add_parser("init-tiny-model", help="build a tiny random-weight model + tokenizer locally")
     i.add_argument("out_dir")
     i.add_argument("--data", help="records or CMExam file to train the tokenizer on (default: shipped sample)")
@@ -316,13 +341,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     from medtune.config import ConfigError
+    from medtune.inference.vllm import BackendUnavailable
     from medtune.io import DataFileError
     from medtune.templates import TemplateError
     from medtune.train.common import RunDirError
 
     try:
         return args.func(args)
-    except (ConfigError, DataFileError, TemplateError, RunDirError, FileNotFoundError) as exc:
+    except (ConfigError, DataFileError, TemplateError, RunDirError, BackendUnavailable, FileNotFoundError) as exc:
         # Expected user errors: one clear line, no traceback.
         print(f"medtune {args.command}: error: {exc}", file=sys.stderr)
         return 2

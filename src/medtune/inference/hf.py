@@ -2,35 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from medtune.inference.base import GenerationParams
+from medtune.inference.base import GenerationParams, cut_at_stop, stream_with_stops
 
 
 class HFBackend:
-    """Wraps a loaded model and tokenizer (see ``medtune.models.load_for_inference``)."""
+    """Wraps a loaded model and tokenizer (see ``medtune.models.load_for_inference``).
+
+    ``use_adapter=False`` on a peft model answers with the base model (the adapter switched off
+    for each call), so "before vs after" needs the weights in memory once.
+    """
 
     name = "hf"
 
-    def __init__(self, model: Any, tokenizer: Any):
+    def __init__(self, model: Any, tokenizer: Any, use_adapter: bool = True):
         self.model = model
         self.tokenizer = tokenizer
+        self.use_adapter = use_adapter
         self.device = next(model.parameters()).device
 
-    @torch.inference_mode()
-    def generate(
-        self, prompts: list[str], params: GenerationParams, add_special_tokens: bool = True
-    ) -> list[str]:
-        """Greedy (or sampled) continuations; left padding so every prompt ends where output starts."""
-        enc = self.tokenizer(
-            prompts,
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",
-            add_special_tokens=add_special_tokens,
-        ).to(self.device)
+    @property
+    def has_adapter(self) -> bool:
+        """True when the model carries a peft adapter."""
+        return hasattr(self.model, "disable_adapter")
+
+    def base(self) -> HFBackend:
+        """The same weights with the adapter switched off."""
+        return HFBackend(self.model, self.tokenizer, use_adapter=False)
+
+    def adapter_context(self) -> contextlib.AbstractContextManager:
+        """Switches the adapter off for the duration when this backend is the base view."""
+        if not self.use_adapter and self.has_adapter:
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    def _generate_kwargs(self, params: GenerationParams) -> dict[str, Any]:
         sample = params.temperature > 0
         kwargs: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens,
@@ -44,9 +56,55 @@ class HFBackend:
             # Clear sampling knobs a model's generation_config may carry, so greedy stays greedy
             # without "flag ignored" warnings.
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        out = self.model.generate(**enc, **kwargs)
+        if params.stop:
+            # transformers stops generating once a stop string is produced; the text is cut below.
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        return kwargs
+
+    @torch.inference_mode()
+    def generate(
+        self, prompts: list[str], params: GenerationParams, add_special_tokens: bool = True
+    ) -> list[str]:
+        """Greedy (or sampled) continuations; left padding so every prompt ends where output starts."""
+        enc = self.tokenizer(
+            prompts,
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            add_special_tokens=add_special_tokens,
+        ).to(self.device)
+        with self.adapter_context():
+            out = self.model.generate(**enc, **self._generate_kwargs(params))
         new_tokens = out[:, enc["input_ids"].shape[1] :]
-        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [cut_at_stop(t, params.stop)[0] for t in texts]
+
+    def stream(self, prompt: str, params: GenerationParams, add_special_tokens: bool = True) -> Iterator[str]:
+        """Yield text pieces as tokens are generated (generation runs in a worker thread)."""
+        from transformers import TextIteratorStreamer
+
+        enc = self.tokenizer([prompt], return_tensors="pt", add_special_tokens=add_special_tokens).to(self.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with torch.inference_mode(), self.adapter_context():
+                    self.model.generate(**enc, **self._generate_kwargs(params), streamer=streamer)
+            except BaseException as exc:  # surfaced in the consumer below
+                errors.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        yield from stream_with_stops((p for p in streamer if p), params.stop)
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    def count_tokens(self, text: str, add_special_tokens: bool = False) -> int:
+        """Token count with this model's tokenizer."""
+        return len(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
 @torch.inference_mode()

@@ -1,0 +1,102 @@
+"""Conversation and exam-question helpers shared by the terminal chat, the server and the demo."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+from medtune.evaluation.extract import parse_robust, split_output
+from medtune.inference.base import GenerationParams
+from medtune.records import ExamRecord
+from medtune.templates import ExamTemplate
+
+_OPTION_LINE = re.compile(r"^\s*([A-Ja-jＡ-Ｊ])\s*[.．、:：)）]?\s*(.+?)\s*$")
+
+
+def chat_prompt(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, bool]:
+    """``(prompt, add_special_tokens)`` for a list of ``{"role", "content"}`` messages.
+
+    Uses the model's chat template when it has one; otherwise a plain 用户/助手 transcript (base
+    models without a chat template still continue it sensibly).
+    """
+    for m in messages:
+        if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+            raise ValueError(f"bad message {m!r}: need role system/user/assistant and string content")
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+    lines = []
+    for m in messages:
+        prefix = {"system": "", "user": "用户：", "assistant": "助手："}[m["role"]]
+        lines.append(prefix + m["content"])
+    return "\n".join(lines) + "\n助手：", True
+
+
+def parse_exam_text(text: str) -> tuple[str, dict[str, str]]:
+    """Split pasted text into the question and its options (lines like ``A 原发病`` / ``B. …``)."""
+    question_lines, options = [], {}
+    for line in text.strip().splitlines():
+        m = _OPTION_LINE.match(line)
+        if m and (options or question_lines):
+            options[unicodedata.normalize("NFKC", m.group(1)).upper()] = m.group(2)
+        elif not options:
+            question_lines.append(line.strip())
+        else:
+            raise ValueError(f"line {line!r} after the options is not an option (expected e.g. 'C 颈椎病')")
+    question = " ".join(q for q in question_lines if q)
+    if not question:
+        raise ValueError("no question text before the options")
+    if len(options) < 2:
+        raise ValueError("need at least two options, one per line, e.g. 'A 胸肌劳损'")
+    return question, options
+
+
+@dataclass
+class ExamAnswer:
+    """What the model said to one exam question, and what medtune read from it."""
+
+    prompt: str
+    output: str
+    letters: str  # parsed answer, "" when none could be read
+    explanation: str
+
+
+def exam_prompt(question: str, options: dict[str, str], template: ExamTemplate, tokenizer: Any) -> str:
+    """The run's template applied to a question typed by a user (no gold answer needed)."""
+    record = ExamRecord(id="interactive", question=question, options=options, answer="")
+    return template.render_prompt(record, tokenizer)
+
+
+def read_exam_output(output: str, options: dict[str, str], template: ExamTemplate) -> tuple[str, str]:
+    """``(letters, explanation)`` from a generated output, as evaluation reads it."""
+    region, explanation = split_output(output, template.answer_marker, template.explanation_marker)
+    letters = parse_robust(region, options) or parse_robust(output, options)
+    return letters, explanation
+
+
+def answer_exam(
+    backend: Any, template: ExamTemplate, question: str, options: dict[str, str], params: GenerationParams
+) -> ExamAnswer:
+    """Ask one exam question through ``backend`` with ``template``."""
+    prompt = exam_prompt(question, options, template, getattr(backend, "tokenizer", None))
+    output = backend.generate([prompt], params, add_special_tokens=not template.chat)[0]
+    letters, explanation = read_exam_output(output, options, template)
+    return ExamAnswer(prompt, output, letters, explanation)
+
+
+def option_scores(backend: Any, template: ExamTemplate, question: str, options: dict[str, str]) -> dict[str, float] | None:
+    """Probability of each option letter after the template's answer cue (transformers backend only)."""
+    import math
+
+    if not hasattr(backend, "model"):
+        return None
+    from medtune.evaluation.loglik import build_requests
+    from medtune.inference.hf import continuation_logprobs
+
+    record = ExamRecord(id="interactive", question=question, options=options, answer="A")
+    requests, (cands,) = build_requests([record], template, backend.tokenizer)
+    with backend.adapter_context():
+        (scores,) = continuation_logprobs(backend.model, requests, backend.tokenizer.pad_token_id)
+    total = sum(math.exp(s) for s in scores)
+    return {c: math.exp(s) / total for c, s in zip(cands, scores, strict=True)}

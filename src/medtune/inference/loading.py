@@ -1,0 +1,64 @@
+"""Resolve what to run (a run directory or a model + adapter) into a backend and a template.
+
+Predict, evaluate, chat, the server and the web demo all go through ``load_backend``, so they
+load models the same way and use the run's saved template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from medtune.templates import ExamTemplate, get_template
+
+
+@dataclass
+class Loaded:
+    """A ready backend, the template to build exam prompts with, and a display name."""
+
+    backend: Any
+    template: ExamTemplate
+    name: str
+    model_path: str
+    adapter_path: str | None
+
+
+def load_backend(
+    run: str | None = None,
+    model: str | None = None,
+    adapter: str | None = None,
+    template: str | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    backend: str = "hf",
+) -> Loaded:
+    """Load from ``run`` (model, adapter and template saved by training) or from ``model``."""
+    from pathlib import Path
+
+    from medtune.inference.predict import resolve_run
+
+    if bool(run) == bool(model):
+        raise ValueError("give either a run directory or a model path")
+    if run:
+        if template:
+            raise ValueError("a template conflicts with a run directory (the run's saved template is used)")
+        art = resolve_run(run)
+        model_path, adapter_path, tpl = art.model_path, art.adapter_path, art.template
+        dtype, trust_remote_code = art.dtype, art.trust_remote_code
+        name = Path(run).name
+    else:
+        model_path, adapter_path, tpl = model, adapter, get_template(template or "qa")
+        name = Path(model).name + (f"+{Path(adapter).name}" if adapter else "")
+    if backend == "vllm":
+        from medtune.inference.vllm import VLLMBackend
+
+        engine = VLLMBackend(model_path, adapter_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    elif backend == "hf":
+        from medtune.inference.hf import HFBackend
+        from medtune.models import load_for_inference
+
+        m, tok = load_for_inference(model_path, adapter_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        engine = HFBackend(m, tok)
+    else:
+        raise ValueError(f"unknown backend {backend!r}; expected hf or vllm")
+    return Loaded(engine, tpl, name, model_path, adapter_path)

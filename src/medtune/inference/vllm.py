@@ -1,0 +1,73 @@
+"""Optional vLLM backend (GPU): ``pip install medtune[vllm]``.
+
+Same interface as the transformers backend. vLLM is imported only when this backend is asked
+for, so the rest of medtune never needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from medtune.inference.base import GenerationParams, cut_at_stop
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here; the message says why and what to install."""
+
+
+def _require_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError:
+        raise BackendUnavailable(
+            "the vLLM backend needs the vllm package and a CUDA GPU: pip install 'medtune[vllm]' "
+            "(or use --backend hf, the default)"
+        ) from None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("the vLLM backend needs a CUDA GPU; none is visible (use --backend hf)")
+    return vllm
+
+
+class VLLMBackend:
+    """vLLM engine with an optional LoRA adapter."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: str, adapter_path: str | None = None, dtype: str = "auto",
+                 trust_remote_code: bool = False, max_lora_rank: int = 64):
+        vllm = _require_vllm()
+        self._vllm = vllm
+        self.llm = vllm.LLM(model=model_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                            enable_lora=adapter_path is not None, max_lora_rank=max_lora_rank)
+        self.tokenizer = self.llm.get_tokenizer()
+        self._lora = None
+        if adapter_path:
+            from vllm.lora.request import LoRARequest
+
+            self._lora = LoRARequest("adapter", 1, adapter_path)
+
+    def _sampling(self, params: GenerationParams) -> Any:
+        return self._vllm.SamplingParams(
+            max_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p if params.temperature > 0 else 1.0,
+            stop=list(params.stop) or None,
+        )
+
+    def generate(self, prompts: list[str], params: GenerationParams, add_special_tokens: bool = True) -> list[str]:
+        """Batched generation (vLLM schedules the batch itself)."""
+        inputs = [{"prompt_token_ids": self.tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]}
+                  for p in prompts]
+        outs = self.llm.generate(inputs, self._sampling(params), lora_request=self._lora, use_tqdm=False)
+        return [cut_at_stop(o.outputs[0].text, params.stop)[0] for o in outs]
+
+    def stream(self, prompt: str, params: GenerationParams, add_special_tokens: bool = True) -> Iterator[str]:
+        """The offline engine has no token stream; the whole answer is yielded at once."""
+        yield self.generate([prompt], params, add_special_tokens)[0]
+
+    def count_tokens(self, text: str, add_special_tokens: bool = False) -> int:
+        """Token count with the engine's tokenizer."""
+        return len(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
