@@ -196,3 +196,20 @@ def test_report_uses_label_and_needs_results(tmp_path, predictions):
     assert "## Sample answers" not in text
     with pytest.raises(FileNotFoundError, match="no results.json"):
         write_report([tmp_path / "missing"], tmp_path / "r2.md")
+
+
+def test_jieba_bleu_is_labelled_wherever_the_table_appears(tmp_path):
+    import json as _json
+
+    from medtune.evaluation.evaluate import evaluate
+    from medtune.report.markdown import load_eval, results_table
+
+    pred = tmp_path / "p.jsonl"
+    row = {"id": "1", "question": "q", "options": {"A": "甲", "B": "乙"}, "answer": "A",
+           "explanation": "因为甲是对的", "template": "qa", "output": "A\n理由：因为甲是对的"}
+    pred.write_text(_json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    evaluate(pred, tmp_path / "char")
+    evaluate(pred, tmp_path / "jieba", tokenizer="jieba")
+    table = results_table([load_eval(tmp_path / "char"), load_eval(tmp_path / "jieba")], paper=False)
+    assert "| jieba (BLEU: legacy jieba-word variant) |" in table
+    assert "| char |" in table

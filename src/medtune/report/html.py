@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 from medtune.io import atomic_write_json, atomic_write_text, read_jsonl
 from medtune.report import plots
-from medtune.report.markdown import COLUMNS, PAPER_ROWS, load_eval
+from medtune.report.markdown import COLUMNS, PAPER_ROWS, load_eval, variant_note
 
 __all__ = [
     "PLOTS_MANIFEST",
@@ -249,7 +249,7 @@ def _metrics_table(evals: list[dict[str, Any]]) -> str:
             for k, _ in COLUMNS
         )
         rows.append(
-            f"<tr><td>{_esc(ev['label'])}</td><td>{_esc(r.get('n', '–'))}</td>{cells}"
+            f"<tr><td>{_esc(ev['label'] + variant_note(r))}</td><td>{_esc(r.get('n', '–'))}</td>{cells}"
             f"<td>{_esc(r.get('n_no_answer', '–'))}</td></tr>"
         )
     for i, (name, values) in enumerate(PAPER_ROWS):

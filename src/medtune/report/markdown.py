@@ -38,6 +38,13 @@ def load_eval(eval_dir: str | Path) -> dict[str, Any]:
     return {"label": results.get("label") or eval_dir.name, "dir": eval_dir, "results": results}
 
 
+def variant_note(results: dict[str, Any]) -> str:
+    """A label suffix for scores that are not the paper's definition (so they are never mixed up)."""
+    if str(results.get("tokenizer") or "").startswith("legacy jieba"):
+        return " (BLEU: legacy jieba-word variant)"
+    return ""
+
+
 def results_table(evals: list[dict[str, Any]], paper: bool = True) -> str:
     """Markdown table of the metrics, one row per run, paper rows beneath."""
     head = "| run | n | " + " | ".join(title for _, title in COLUMNS) + " | no answer |"
@@ -45,7 +52,7 @@ def results_table(evals: list[dict[str, Any]], paper: bool = True) -> str:
     for ev in evals:
         r = ev["results"]
         cells = " | ".join(_fmt(r.get(key)) for key, _ in COLUMNS)
-        lines.append(f"| {ev['label']} | {r['n']} | {cells} | {r['n_no_answer']} |")
+        lines.append(f"| {ev['label']}{variant_note(r)} | {r['n']} | {cells} | {r['n_no_answer']} |")
     if paper:
         for name, values in PAPER_ROWS:
             cells = " | ".join(_fmt(v) for v in values)
