@@ -57,30 +57,35 @@ def _check_source(args: argparse.Namespace, command: str) -> str | None:
     return run
 
 
-def _load(args: argparse.Namespace, command: str):  # noqa: ANN202 - returns medtune.inference.loading.Loaded
+def _load(args: argparse.Namespace, command: str, kind: str = "exam"):  # noqa: ANN202 - a loading.Loaded
     from medtune.inference.loading import load_backend
 
     run = _check_source(args, command)
     try:
         return load_backend(run=run, model=args.model, adapter=args.adapter, template=args.template,
                             dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                            backend=getattr(args, "backend", "hf"))
+                            backend=getattr(args, "backend", "hf"), kind=kind)
     except ValueError as exc:
         raise SystemExit(f"{command}: {exc}") from None
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Generate answers for a records file, resumably."""
-    from medtune.data.exam import load_exam_file
+    """Generate answers (exam records) or replies (conversations) for a data file, resumably."""
+    from medtune.data.exam import detect_kind, load_conversations, load_exam_file
     from medtune.inference.base import GenerationParams
-    from medtune.inference.predict import predict
+    from medtune.inference.predict import predict, predict_conversations
 
     _check_source(args, "predict")
-    records, _ = load_exam_file(args.data)
+    kind = detect_kind(args.data)
+    if kind == "exam":
+        records, _ = load_exam_file(args.data)
+    else:
+        records, _ = load_conversations(args.data, require_reply=False)
     if args.limit:
         records = records[: args.limit]
-    loaded = _load(args, "predict")
-    stats = predict(
+    loaded = _load(args, "predict", kind)
+    run = predict if kind == "exam" else predict_conversations
+    stats = run(
         records,
         loaded.backend,
         loaded.template,
@@ -103,6 +108,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.mode == "generate":
         if not args.predictions:
             raise SystemExit("evaluate: give the predictions .jsonl (or --mode loglik with --data)")
+        if _prediction_kind(args.predictions) == "conversation" and args.task != "cmexam":
+            from medtune.evaluation.text_tasks import evaluate_text, format_table
+
+            results = evaluate_text(args.predictions, args.out, task=args.task, baseline=args.baseline)
+            print(format_table(results, Path(args.out).name))
+            print(f"results: {Path(args.out) / 'results.json'}")
+            return 0
         evaluate(args.predictions, args.out, parser=args.parser, template=args.template, tokenizer=args.tokenizer)
     else:
         from medtune.data.exam import load_exam_file
@@ -119,6 +131,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(results_table([load_eval(args.out)], paper=False))
     print(f"results: {Path(args.out) / 'results.json'}")
     return 0
+
+
+def _prediction_kind(path: str) -> str:
+    """``exam`` when prediction lines carry options, else ``conversation``."""
+    import json
+
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                return "exam" if "options" in json.loads(line) else "conversation"
+    return "exam"
 
 
 # ---- report -------------------------------------------------------------------------------------------
@@ -176,6 +199,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     print(f"medtune chat · {loaded.name} · template {loaded.template.name}")
     return TerminalChat(loaded.backend, loaded.template, params, exam=args.exam, system=args.system).run()
+
+
+def cmd_webui(args: argparse.Namespace) -> int:
+    """The gradio demo: chat, exam (with option probabilities) and base-vs-tuned compare tabs."""
+    from medtune.inference.base import GenerationParams
+
+    try:
+        from medtune.web.app import build_demo, launch
+    except ImportError as exc:
+        raise SystemExit(f"webui needs gradio: pip install 'medtune[web]' ({exc})") from None
+    loaded = _load(args, "webui")
+    base = loaded.backend.base() if getattr(loaded.backend, "has_adapter", False) else None
+    demo = build_demo(loaded.backend, loaded.template, loaded.name, base_backend=base,
+                      params=GenerationParams(max_new_tokens=args.max_new_tokens))
+    launch(demo, host=args.host, port=args.port)
+    return 0
 
 
 # ---- init-tiny-model -----------------------------------------------------------------------------------
@@ -253,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="batched greedy generation, appended as it goes")
     _model_args(pr)
-    pr.add_argument("--data", required=True, help="records .jsonl or a raw CMExam file")
+    pr.add_argument("--data", required=True,
+                    help="exam records / raw CMExam file, or conversations (records, PromptCBLUE, alpaca, ShareGPT)")
     pr.add_argument("--out", required=True, help="predictions .jsonl (existing ids are skipped)")
     pr.add_argument("--batch-size", type=int, default=8)
     pr.add_argument("--max-new-tokens", type=int, default=128)
@@ -264,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="accuracy, F1, BLEU, ROUGE as the CMExam paper computes them")
     e.add_argument("predictions", nargs="?", help="predictions .jsonl (generate mode)")
     e.add_argument("--out", required=True, help="evaluation directory (results.json, scored.jsonl)")
+    e.add_argument("--task", choices=["auto", "cmexam", "promptcblue", "text", "question-generation"],
+                   default="auto", help="auto: cmexam for exam predictions, else from the rows' metadata")
+    e.add_argument("--baseline", help="evaluation dir of the base model (text tasks): shown beside, with Δ")
     e.add_argument("--mode", choices=["generate", "loglik"], default="generate",
                    help="score generated outputs (default) or score each option by log-likelihood")
     e.add_argument("--parser", choices=["robust", "strict"], default="robust",
@@ -314,6 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ch.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     ch.set_defaults(func=cmd_chat)
+
+    w = sub.add_parser("webui", help="gradio demo in the browser (chat, exam, compare)")
+    w.add_argument("run_dir", nargs="?", help="training run directory")
+    _model_args(w)
+    w.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    w.add_argument("--port", type=int, default=7860)
+    w.add_argument("--max-new-tokens", type=int, default=256)
+    w.set_defaults(func=cmd_webui)
 
     i = sub.add_parser("init-tiny-model", help="build a tiny random-weight model + tokenizer locally")
     i.add_argument("out_dir")
