@@ -24,15 +24,41 @@ def _quiet_libraries() -> None:
 
 # ---- convert -------------------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Convert a raw data set file to validated records."""
-    from medtune.data.cmexam import convert_cmexam, default_rejects_path
+    """Convert a raw data set file to validated records (exam records or conversations)."""
+    from medtune.data.cmexam import default_rejects_path
 
-    result = convert_cmexam(args.input, args.out, on_invalid=args.on_invalid, rejects_path=args.rejects)
-    print(f"{args.input}: {result.n_rows} rows → {len(result.records)} records written to {args.out}")
+    rejects = args.rejects or default_rejects_path(args.out)
+    if args.format == "exam-xlsx":
+        from medtune.data.exam_xlsx import convert_exam_xlsx, summary_lines
+
+        if not args.lang:
+            raise SystemExit("convert exam-xlsx: --lang zh|en is required")
+        result = convert_exam_xlsx(args.input, args.out, args.lang, sheet=args.sheet,
+                                   on_invalid=args.on_invalid, rejects_path=args.rejects)
+        print("\n".join(summary_lines(result, args.input, args.out, args.rejects)))
+        return 0
+    if args.format == "cmexam":
+        from medtune.data.cmexam import convert_cmexam
+
+        result = convert_cmexam(args.input, args.out, on_invalid=args.on_invalid, rejects_path=args.rejects)
+        kept, extra = result.records, f"  {result.n_missing_explanation} records without an explanation (kept)"
+    elif args.format == "promptcblue":
+        from medtune.data.promptcblue import convert_promptcblue
+
+        result = convert_promptcblue(args.input, args.out, on_invalid=args.on_invalid, rejects_path=args.rejects)
+        kept = result.records
+        extra = "  tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(result.task_counts.items()))
+    else:
+        from medtune.data.instructions import convert_instructions
+
+        result = convert_instructions(args.input, args.out, fmt=args.format, on_invalid=args.on_invalid,
+                                      rejects_path=args.rejects)
+        kept, extra = result.records, ""
+    print(f"{args.input}: {result.n_rows} rows → {len(kept)} records written to {args.out}")
     if result.rejects:
-        rejects = args.rejects or default_rejects_path(args.out)
         print(f"  {len(result.rejects)} rows rejected (reasons in {rejects})")
-    print(f"  {result.n_missing_explanation} records without an explanation (kept)")
+    if extra:
+        print(extra)
     return 0
 
 
@@ -276,8 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("convert", help="raw data set file → validated records (JSON lines)")
-    c.add_argument("format", choices=["cmexam"], help="source format")
-    c.add_argument("input", help="CMExam .csv, .jsonl/.json (HF mirror shape) or .xlsx")
+    c.add_argument("format", choices=["cmexam", "promptcblue", "exam-xlsx", "alpaca", "sharegpt", "messages",
+                                      "preference", "qa", "auto"],
+                   help="source format (auto: detect alpaca/sharegpt/messages/preference/qa from the keys)")
+    c.add_argument("input", help="CMExam .csv/.jsonl/.xlsx, PromptCBLUE JSON lines, exam .xlsx, instruction JSON lines")
+    c.add_argument("--lang", choices=["zh", "en"], help="exam-xlsx: which paper (Chinese or English)")
+    c.add_argument("--sheet", help="exam-xlsx: sheet name (default: the one naming the language)")
     c.add_argument("--out", required=True, help="records .jsonl to write")
     c.add_argument("--on-invalid", choices=["error", "skip"], default="error",
                    help="stop at the first bad row (default) or write bad rows to a rejects file")

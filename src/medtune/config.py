@@ -38,7 +38,8 @@ class DataConfig:
     train: str = ""  # records JSON lines (medtune convert) or a raw CMExam file
     validation: str | None = None  # optional; else `val_fraction` of train is held out
     val_fraction: float = 0.0
-    template: str = "qa"  # a shipped template name or a template YAML path
+    template: str = "qa"  # exam data: a shipped template name or a template YAML path
+    conversation_format: str = "plain"  # conversation data: plain | chat (the model's chat template)
     max_length: int = 512  # tokens; longer examples are truncated from the right (answer first)
     max_samples: int | None = None  # use only the first N training records (quick runs)
     on_invalid: str = "error"  # for raw CMExam input: error | skip
@@ -104,6 +105,7 @@ class RunConfig:
         _choice("model.dtype", self.model.dtype, ["auto", "float32", "bfloat16", "float16"])
         _choice("adapter.method", self.adapter.method, ["lora", "adalora", "full"])
         _choice("data.on_invalid", self.data.on_invalid, ["error", "skip"])
+        _choice("data.conversation_format", self.data.conversation_format, ["plain", "chat"])
         if not self.model.name_or_path:
             raise ConfigError("model.name_or_path: required (a local folder or hub id)")
         if not self.data.train:

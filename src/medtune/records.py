@@ -139,7 +139,7 @@ class Conversation:
         turns = [m for m in self.messages if m["role"] != "system"]
         if not turns or turns[0]["role"] != "user":
             raise RecordError("messages", "the first non-system message must be the user's")
-        for a, b in zip(turns, turns[1:]):
+        for a, b in zip(turns, turns[1:], strict=False):
             if a["role"] == b["role"]:
                 raise RecordError("messages", f"two {a['role']} messages in a row; turns must alternate")
         if require_reply:

@@ -36,9 +36,7 @@ def _first_keys(path: Path) -> set[str]:
     return set()
 
 
-def split_records(
-    records: list[ExamRecord], fraction: float, seed: int
-) -> tuple[list[ExamRecord], list[ExamRecord]]:
+def split_records(records: list, fraction: float, seed: int) -> tuple[list, list]:
     """Deterministic ``(train, held_out)`` split; ``fraction`` of records (at least 1) held out."""
     if fraction <= 0:
         return list(records), []
@@ -47,3 +45,51 @@ def split_records(
     n_out = max(1, round(len(records) * fraction))
     held = set(order[:n_out])
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def detect_kind(path: str | Path) -> str:
+    """``exam`` (exam records or a raw CMExam file) or ``conversation`` (everything prompt→reply).
+
+    Decided by the first JSON object's keys; CSV/xlsx files are CMExam.
+    """
+    path = Path(path)
+    if path.suffix not in (".jsonl", ".json"):
+        return "exam"
+    keys = _first_keys(path)
+    if keys >= {"question", "options"} or keys >= {"Question", "Options"}:
+        return "exam"
+    return "conversation"
+
+
+def load_conversations(path: str | Path, on_invalid: str = "error",
+                       require_reply: bool = True) -> tuple[list, list[dict]]:
+    """Conversation records from a records file, or from a raw instruction/PromptCBLUE file.
+
+    Raw shapes are recognised by their keys and converted on the fly: PromptCBLUE
+    (``input``/``target``), alpaca (``instruction``/``output``), ShareGPT (``conversations``),
+    ``messages`` without ids, and question/answer pairs.
+    """
+    from medtune.io import DataFileError, iter_jsonl
+    from medtune.records import Conversation, RecordError
+
+    path = Path(path)
+    keys = _first_keys(path)
+    if keys >= {"input", "target"}:
+        from medtune.data.promptcblue import read_promptcblue
+
+        res = read_promptcblue(path, on_invalid=on_invalid)
+        return res.records, res.rejects
+    if not keys >= {"id", "messages"}:
+        from medtune.data.instructions import read_instructions
+
+        res = read_instructions(path, on_invalid=on_invalid)
+        return res.records, res.rejects
+    records, rejects = [], []
+    for lineno, obj in iter_jsonl(path):
+        try:
+            records.append(Conversation.from_dict(obj, require_reply=require_reply))
+        except RecordError as exc:
+            if on_invalid == "error":
+                raise DataFileError(path, lineno, exc.field, exc.reason) from None
+            rejects.append({"row": lineno, "field": exc.field, "reason": exc.reason, "raw": obj})
+    return records, rejects

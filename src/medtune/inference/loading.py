@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from medtune.templates import ExamTemplate, get_template
+from medtune.templates import ConversationTemplate, ExamTemplate, conversation_template, get_template
 
 
 @dataclass
@@ -17,7 +17,7 @@ class Loaded:
     """A ready backend, the template to build exam prompts with, and a display name."""
 
     backend: Any
-    template: ExamTemplate
+    template: ExamTemplate | ConversationTemplate
     name: str
     model_path: str
     adapter_path: str | None
@@ -31,8 +31,13 @@ def load_backend(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     backend: str = "hf",
+    kind: str = "exam",
 ) -> Loaded:
-    """Load from ``run`` (model, adapter and template saved by training) or from ``model``."""
+    """Load from ``run`` (model, adapter and template saved by training) or from ``model``.
+
+    With ``model``, ``template`` names an exam template (``kind="exam"``, default qa) or a
+    conversation format (``kind="conversation"``, default plain).
+    """
     from pathlib import Path
 
     from medtune.inference.predict import resolve_run
@@ -46,8 +51,12 @@ def load_backend(
         model_path, adapter_path, tpl = art.model_path, art.adapter_path, art.template
         dtype, trust_remote_code = art.dtype, art.trust_remote_code
         name = Path(run).name
+        if tpl.kind != kind:
+            raise ValueError(f"{run} was trained on {tpl.kind} data, but this data is {kind} data")
     else:
-        model_path, adapter_path, tpl = model, adapter, get_template(template or "qa")
+        tpl = (conversation_template(template or "plain") if kind == "conversation"
+               else get_template(template or "qa"))
+        model_path, adapter_path = model, adapter
         name = Path(model).name + (f"+{Path(adapter).name}" if adapter else "")
     if backend == "vllm":
         from medtune.inference.vllm import VLLMBackend

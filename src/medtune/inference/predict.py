@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from medtune.inference.base import Backend, GenerationParams
 from medtune.io import JsonlAppender, read_jsonl_tolerant
 from medtune.records import ExamRecord
-from medtune.templates import ExamTemplate, get_template
+from medtune.templates import ConversationTemplate, ExamTemplate, get_template, load_template_file
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ class RunArtifacts:
 
     model_path: str
     adapter_path: str | None
-    template: ExamTemplate
+    template: ExamTemplate | ConversationTemplate
     trust_remote_code: bool
     dtype: str
 
@@ -37,7 +37,7 @@ def resolve_run(run_dir: str | Path) -> RunArtifacts:
         raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
     with open(cfg_path, encoding="utf-8") as fh:
         cfg = yaml.safe_load(fh)
-    template = ExamTemplate.load(run_dir / "template.yaml")
+    template = load_template_file(run_dir / "template.yaml")
     model = cfg["model"]
     if (run_dir / "adapter").is_dir():
         return RunArtifacts(model["name_or_path"], str(run_dir / "adapter"), template,
@@ -97,5 +97,45 @@ def predict(
             )
             for rec, output in zip(batch, outputs, strict=True):
                 sink.write(prediction_row(rec, template, prompts[rec.id], output))
+            bar.update(len(batch))
+    return {"total": len(records), "already_done": len(records) - len(todo), "predicted": len(todo)}
+
+
+def predict_conversations(
+    records: list,
+    backend: Backend,
+    template: ConversationTemplate,
+    out_path: str | Path,
+    params: GenerationParams | None = None,
+    batch_size: int = 8,
+    tokenizer: Any = None,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Generate the final assistant reply of each conversation, resumably (like ``predict``).
+
+    Each line: ``id, messages`` (the prompt messages), ``reference`` (the record's reply, if any),
+    ``meta``, ``template``, ``prompt`` and ``output``.
+    """
+    from medtune.data.conversations import conversation_prompt
+
+    params = params or GenerationParams()
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError("record ids are not unique; predictions could not be resumed safely")
+    done = {row["id"] for row in read_jsonl_tolerant(out_path)}
+    todo = [r for r in records if r.id not in done]
+    prompts = {r.id: conversation_prompt(r.prompt_messages, template.name, tokenizer) for r in todo}
+    todo.sort(key=lambda r: len(prompts[r.id][0]))
+    special = template.name == "plain"
+    with JsonlAppender(out_path) as sink, tqdm(
+        total=len(records), initial=len(records) - len(todo), desc="predict", unit="item", disable=not progress
+    ) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            outputs = backend.generate([prompts[r.id][0] for r in batch], params, add_special_tokens=special)
+            for rec, output in zip(batch, outputs, strict=True):
+                sink.write({"id": rec.id, "messages": rec.prompt_messages, "reference": rec.reply,
+                            "meta": rec.meta, "template": template.name, "prompt": prompts[rec.id][0],
+                            "output": output})
             bar.update(len(batch))
     return {"total": len(records), "already_done": len(records) - len(todo), "predicted": len(todo)}

@@ -42,6 +42,7 @@ class ExamTemplate:
     explanation_marker: str | None = None
     chat: bool = False
     system: str | None = None
+    kind: str = "exam"
 
     def render_options(self, options: dict[str, str]) -> str:
         """Render the options block (``A: text`` lines by default)."""
@@ -134,3 +135,44 @@ def get_template(name_or_path: str | Path) -> ExamTemplate:
         raise TemplateError(f"unknown template '{name}'; available: {', '.join(available())}")
     with resources.as_file(resources.files(__package__) / f"{name}.yaml") as p:
         return ExamTemplate.load(p)
+
+
+@dataclass(frozen=True)
+class ConversationTemplate:
+    """How a conversation becomes tokens: ``plain`` (no markup) or ``chat`` (the model's template).
+
+    See ``medtune.data.conversations`` for the exact rendering.
+    """
+
+    name: str = "plain"
+    version: int = 1
+    kind: str = "conversation"
+    description: str = ""
+
+    def save(self, path: str | Path) -> None:
+        """Write as YAML (atomically), e.g. ``RUN_DIR/template.yaml``."""
+        from medtune.io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(self), allow_unicode=True, sort_keys=False))
+
+
+CONVERSATION_FORMATS = {
+    "plain": "no chat markup: single turn = prompt then reply; multi-turn = 用户：/助手： transcript",
+    "chat": "the model's own chat template (tokenizer.chat_template)",
+}
+
+
+def conversation_template(name: str) -> ConversationTemplate:
+    """The conversation format ``name`` (plain or chat)."""
+    if name not in CONVERSATION_FORMATS:
+        raise TemplateError(f"unknown conversation format '{name}'; available: {', '.join(CONVERSATION_FORMATS)}")
+    return ConversationTemplate(name=name, description=CONVERSATION_FORMATS[name])
+
+
+def load_template_file(path: str | Path) -> ExamTemplate | ConversationTemplate:
+    """A run's ``template.yaml``: an exam template or a conversation format."""
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    if isinstance(data, dict) and data.get("kind") == "conversation":
+        return conversation_template(str(data.get("name")))
+    return ExamTemplate.load(path)

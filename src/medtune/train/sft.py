@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on exam records: load config → data → model + PEFT → trainer → train → save."""
+"""Supervised fine-tuning (exam records or conversations): config → data → model + PEFT → trainer → train → save."""
 
 from __future__ import annotations
 
@@ -21,28 +21,40 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from medtune.adapters import AdaLoraRankCallback, peft_config_for, total_optimizer_steps
-    from medtune.data.exam import load_exam_file, split_records
+    from medtune.data.conversations import build_conversation_examples
+    from medtune.data.exam import detect_kind, load_conversations, load_exam_file, split_records
     from medtune.data.sft import IGNORE_INDEX, build_sft_examples
     from medtune.models import load_causal_lm, load_tokenizer
-    from medtune.templates import get_template
+    from medtune.templates import conversation_template, get_template
 
     # ---- run directory: create, or find the checkpoint to resume from -------------------------
     run_dir, checkpoint = common.prepare_run_dir(cfg, resume=resume)
     torch.manual_seed(cfg.train.seed)
 
     # ---- data: records → template → tokenised, prompt-masked examples ---------------------------
-    template = get_template(cfg.data.template)
-    records, rejects = load_exam_file(cfg.data.train, cfg.data.on_invalid)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    if detect_kind(cfg.data.train) == "exam":
+        template = get_template(cfg.data.template)
+        load = load_exam_file
+
+        def build(recs: list) -> Any:
+            return build_sft_examples(recs, template, tokenizer, cfg.data.max_length)
+    else:  # instructions, dialogues, PromptCBLUE, ...: loss on every assistant reply
+        template = conversation_template(cfg.data.conversation_format)
+        load = load_conversations
+
+        def build(recs: list) -> Any:
+            return build_conversation_examples(recs, template.name, tokenizer, cfg.data.max_length)
+
+    records, rejects = load(cfg.data.train, cfg.data.on_invalid)
     if cfg.data.max_samples:
         records = records[: cfg.data.max_samples]
     if cfg.data.validation:
-        val_records, val_rejects = load_exam_file(cfg.data.validation, cfg.data.on_invalid)
+        val_records, val_rejects = load(cfg.data.validation, cfg.data.on_invalid)
         rejects += val_rejects
     else:
         records, val_records = split_records(records, cfg.data.val_fraction, cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    train_build = build_sft_examples(records, template, tokenizer, cfg.data.max_length)
-    val_build = build_sft_examples(val_records, template, tokenizer, cfg.data.max_length)
+    train_build, val_build = build(records), build(val_records)
     if not train_build.examples:
         raise ValueError(f"{cfg.data.train}: no training examples left ({train_build.summary()})")
 

@@ -1,0 +1,292 @@
+"""Read PromptCBLUE JSON lines into validated ``Conversation`` records.
+
+PromptCBLUE (Zhu et al., 2023) casts 16 (v1) or 18 (later releases) Chinese medical NLP tasks as
+prompt → answer text. Each line of ``train.json`` / ``dev.json`` / ``test.json`` is::
+
+    {"input": prompt, "target": answer text, "answer_choices": [labels] | null,
+     "task_type": "ner", "task_dataset": "CMeEE-V2", "sample_id": "dev-39492"}
+
+Each line becomes::
+
+    Conversation(id=sample_id,
+                 messages=[{"role": "user", "content": input},
+                           {"role": "assistant", "content": target}],
+                 meta={"task_dataset": ..., "task_type": ..., "answer_choices": ...})
+
+Accepted variations, all seen in the wild:
+
+* the task field is ``task_dataset`` (the data files) or ``type`` (the benchmark README); the
+  record's ``meta`` always calls it ``task_dataset``;
+* the relation task is ``CMeIE`` (v1) or ``CMeIE-V2`` (later releases); the name is kept as given;
+* the test split has empty targets. Such a line becomes a conversation with the user message
+  only. With ``require_target=True`` (the default) an empty target is an error, *unless every*
+  line of the file has an empty target: that is a test file, and it is accepted as one.
+
+Row numbers are 1-based physical line numbers (blank lines are skipped but counted), so an error
+message points at the line an editor shows. Every non-blank line ends up either as a record or
+as a reject; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medtune.data.cmexam import default_rejects_path
+from medtune.io import DataFileError, write_jsonl
+from medtune.records import Conversation, RecordError
+
+__all__ = [
+    "PROMPTCBLUE_TASKS",
+    "PromptCBLUEResult",
+    "convert_promptcblue",
+    "read_promptcblue",
+]
+
+#: Every task name of the v1 (16 tasks, ``CMeIE``) and later (18 tasks, ``CMeIE-V2``) releases.
+PROMPTCBLUE_TASKS = (
+    "CMeEE-V2",
+    "CMeIE",
+    "CMeIE-V2",
+    "CHIP-CDN",
+    "CHIP-CDEE",
+    "CHIP-STS",
+    "CHIP-CTC",
+    "CHIP-MDCFNPC",
+    "KUAKE-IR",
+    "KUAKE-QIC",
+    "KUAKE-QQR",
+    "KUAKE-QTR",
+    "MedDG",
+    "IMCS-V2-MRG",
+    "IMCS-V2-NER",
+    "IMCS-V2-DAC",
+    "IMCS-V2-SR",
+    "Text2DT",
+    "CMedCausal",
+)
+_ON_INVALID = ("error", "skip")
+_TASK_FIELDS = ("task_dataset", "type")
+
+
+@dataclass
+class PromptCBLUEResult:
+    """Outcome of reading one PromptCBLUE file (the shape of CMExam's ``ConvertResult``).
+
+    Attributes:
+        records: Valid records, in file order.
+        rejects: One dict per invalid line: ``{"row", "field", "reason", "raw"}`` (only filled
+            with ``on_invalid="skip"``).
+        n_rows: Non-blank lines read; always ``len(records) + len(rejects)``.
+        n_without_target: Records whose target was empty (they have no assistant message).
+        test_file: True when every line had an empty target, so empty targets were accepted
+            even with ``require_target=True``.
+    """
+
+    records: list[Conversation]
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    n_rows: int = 0
+    n_without_target: int = 0
+    test_file: bool = False
+
+    @property
+    def task_counts(self) -> dict[str, int]:
+        """Records per task name, in first-seen order."""
+        return dict(Counter(r.meta["task_dataset"] for r in self.records))
+
+
+class _RowError(Exception):
+    """A line-level problem; ``field`` names the offending JSON field (None: the whole line)."""
+
+    def __init__(self, field: str | None, reason: str):
+        super().__init__(reason)
+        self.field = field
+        self.reason = reason
+
+
+def read_promptcblue(
+    path: str | os.PathLike,
+    on_invalid: str = "error",
+    require_target: bool = True,
+) -> PromptCBLUEResult:
+    """Read a PromptCBLUE JSON-lines file into validated ``Conversation`` records.
+
+    Args:
+        path: A PromptCBLUE split (``train.json``, ``dev.json``, ``test.json``; JSON lines
+            despite the extension).
+        on_invalid: ``"error"`` raises on the first invalid line; ``"skip"`` collects invalid
+            lines in ``rejects`` and carries on.
+        require_target: Whether an empty ``target`` is an error. Ignored (treated as False) when
+            every line's target is empty, i.e. for a test split.
+
+    Returns:
+        The records, the rejects and counts.
+
+    Raises:
+        DataFileError: With ``on_invalid="error"``, for the first invalid line; the message names
+            the file, the 1-based line and the field. In both modes, for an undecodable file.
+        ValueError: ``on_invalid`` is not ``"error"`` or ``"skip"``.
+    """
+    if on_invalid not in _ON_INVALID:
+        raise ValueError(f"on_invalid must be one of {_ON_INVALID}, got {on_invalid!r}")
+    path = Path(path)
+    lines = _read_lines(path)
+
+    # Two passes: whether empty targets are allowed depends on the whole file (a test split has
+    # no targets at all), and that must be known before the first line is judged.
+    parsed: list[tuple[int, Any, _RowError | None]] = []
+    for lineno, line in lines:
+        try:
+            parsed.append((lineno, json.loads(line), None))
+        except json.JSONDecodeError as exc:
+            parsed.append((lineno, {"line": line}, _RowError(None, f"invalid JSON: {exc.msg}")))
+    targets = [obj.get("target") for _, obj, err in parsed if err is None and isinstance(obj, dict)]
+    test_file = bool(targets) and all(isinstance(t, str) and not t.strip() for t in targets)
+    allow_empty = test_file or not require_target
+
+    records: list[Conversation] = []
+    rejects: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for lineno, obj, error in parsed:
+        try:
+            if error is not None:
+                raise error
+            record = _to_record(obj, allow_empty)
+            if record.id in seen:
+                # Predictions are joined to gold by sample_id; two lines with one id would collide.
+                raise _RowError("sample_id", f"duplicate sample_id {record.id!r} (first at line {seen[record.id]})")
+        except (_RowError, RecordError) as exc:
+            if on_invalid == "error":
+                raise DataFileError(path, lineno, exc.field, exc.reason) from None
+            rejects.append({"row": lineno, "field": exc.field, "reason": exc.reason, "raw": obj})
+            continue
+        seen[record.id] = lineno
+        records.append(record)
+
+    # Not a bare ``assert``: this guard must survive ``python -O``.
+    if len(parsed) != len(records) + len(rejects):
+        raise AssertionError(f"row accounting broke: {len(parsed)} rows != {len(records)} + {len(rejects)}")
+    return PromptCBLUEResult(
+        records=records,
+        rejects=rejects,
+        n_rows=len(parsed),
+        n_without_target=sum(1 for r in records if r.messages[-1]["role"] != "assistant"),
+        test_file=test_file,
+    )
+
+
+def convert_promptcblue(
+    input_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    on_invalid: str = "error",
+    rejects_path: str | os.PathLike | None = None,
+    require_target: bool = True,
+) -> PromptCBLUEResult:
+    """Convert a PromptCBLUE file into a records file (one ``Conversation.to_dict()`` a line).
+
+    Both files are written atomically. With ``on_invalid="error"`` nothing is written when any
+    line is invalid.
+
+    Args:
+        input_path: PromptCBLUE JSON-lines file.
+        out_path: Records output (JSON lines).
+        on_invalid: ``"error"`` or ``"skip"``, as in ``read_promptcblue``.
+        rejects_path: Where rejects go when there are any; default
+            ``default_rejects_path(out_path)`` (``<out stem>.rejects.jsonl``). When there are
+            none, a rejects file left at this path by an earlier run is removed so it cannot be
+            mistaken for this run's.
+        require_target: As in ``read_promptcblue``.
+
+    Returns:
+        The ``PromptCBLUEResult`` of reading ``input_path``.
+
+    Raises:
+        DataFileError: As ``read_promptcblue``.
+        ValueError: The output would overwrite the input, or records and rejects share a path.
+    """
+    out = Path(out_path)
+    rej = Path(rejects_path) if rejects_path is not None else default_rejects_path(out)
+    src = Path(input_path)
+    if out.resolve() == src.resolve() or rej.resolve() == src.resolve():
+        raise ValueError(f"refusing to overwrite the input file {src}")
+    if out.resolve() == rej.resolve():
+        raise ValueError(f"records and rejects would both be written to {out}")
+
+    result = read_promptcblue(src, on_invalid=on_invalid, require_target=require_target)
+    write_jsonl(out, (record.to_dict() for record in result.records))
+    if result.rejects:
+        write_jsonl(rej, result.rejects)
+    elif rej.exists():
+        rej.unlink()
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    try:
+        # utf-8-sig: a BOM left by an editor would otherwise make line 1 invalid JSON.
+        with open(path, encoding="utf-8-sig") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as exc:
+        raise DataFileError(path, None, None, f"not UTF-8 ({exc.reason}); re-save the file as UTF-8") from None
+    # split("\n"), not splitlines(): the latter also breaks at U+2028 etc., which JSON written
+    # with ensure_ascii=False may carry inside strings.
+    return [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+
+
+def _to_record(obj: Any, allow_empty_target: bool) -> Conversation:
+    if not isinstance(obj, dict):
+        raise _RowError(None, "expected a JSON object")
+
+    task_field = next((name for name in _TASK_FIELDS if name in obj), None)
+    if task_field is None:
+        raise _RowError("task_dataset", "missing (expected 'task_dataset' or 'type')")
+    task = obj[task_field]
+    if not isinstance(task, str) or task.strip() not in PROMPTCBLUE_TASKS:
+        # Scoring dispatches on the task name, so an unknown name would fail only much later.
+        raise _RowError(task_field, f"unknown task {task!r}; expected one of {list(PROMPTCBLUE_TASKS)}")
+
+    sample_id = obj.get("sample_id")
+    if sample_id is None or isinstance(sample_id, (dict, list, bool)) or not str(sample_id).strip():
+        raise _RowError("sample_id", "missing or empty")
+
+    prompt = obj.get("input")
+    if not isinstance(prompt, str):
+        raise _RowError("input", "missing or not a string")
+    if not prompt.strip():
+        raise _RowError("input", "empty prompt")
+
+    target = obj.get("target", "")
+    if target is None:
+        target = ""
+    if not isinstance(target, str):
+        raise _RowError("target", "not a string")
+    if not target.strip() and not allow_empty_target:
+        raise _RowError("target", "empty target (pass require_target=False for unlabelled data)")
+
+    choices = obj.get("answer_choices")
+    if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
+        raise _RowError("answer_choices", "expected a list of strings or null")
+
+    task_type = obj.get("task_type")
+    if task_type is not None and not isinstance(task_type, str):
+        raise _RowError("task_type", "expected a string or null")
+
+    messages = [{"role": "user", "content": prompt}]
+    has_target = bool(target.strip())
+    if has_target:
+        messages.append({"role": "assistant", "content": target})
+    record = Conversation(
+        id=str(sample_id).strip(),
+        messages=messages,
+        meta={"task_dataset": task.strip(), "task_type": task_type, "answer_choices": choices},
+    )
+    return record.validate(require_reply=has_target)
