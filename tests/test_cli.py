@@ -85,3 +85,35 @@ def test_vllm_backend_without_vllm_gives_a_clear_error(tiny_model_dir, records_f
                "--out", str(tmp_path / "p.jsonl")])
     assert rc == 2
     assert "pip install 'medtune[vllm]'" in capsys.readouterr().err
+
+
+def test_data_check_exit_code_on_leakage(records_file, tmp_path, capsys):
+    train = records_file(30, "train.jsonl")
+    test = records_file(10, "test.jsonl", start=25)  # 5 questions overlap with train
+    assert main(["data", "check", str(train), str(test), "--out", str(tmp_path / "check.json")]) == 1
+    out = capsys.readouterr().out
+    assert "val in train 5" in out  # the second split is the validation split
+    assert main(["data", "check", str(train), str(test), "--allow-leakage"]) == 0
+    assert main(["data", "check", str(records_file(10, "a.jsonl")), str(records_file(10, "b.jsonl", 10))]) == 0
+
+
+def test_data_inspect_writes_tables_and_plots(sample_csv, tmp_path, capsys):
+    assert main(["data", "inspect", str(sample_csv), "--out", str(tmp_path / "insp")]) == 0
+    out = capsys.readouterr().out
+    assert "| Answer | 0 | 1 |" in out and "| Explanation | 0 | 159 |" in out  # raw CSV columns
+    assert (tmp_path / "insp" / "inspect.json").exists()
+    assert (tmp_path / "insp" / "answer_letters.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_convert_promptcblue_and_sharegpt(tmp_path, capsys):
+    from importlib import resources
+
+    root = resources.files("medtune") / "examples"
+    assert main(["convert", "promptcblue", str(root / "promptcblue" / "train.json"), "--out",
+                 str(tmp_path / "p.jsonl")]) == 0
+    assert "80 rows → 80 records" in capsys.readouterr().out
+    assert main(["convert", "auto", str(root / "medicalgpt" / "medical_sft_1K_format.jsonl"), "--out",
+                 str(tmp_path / "s.jsonl")]) == 0
+    assert "1000 rows → 1000 records" in capsys.readouterr().out
+    first = json.loads((tmp_path / "s.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert [m["role"] for m in first["messages"]] == ["user", "assistant"]

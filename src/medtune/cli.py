@@ -62,6 +62,40 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- data inspect / check ------------------------------------------------------------------------
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    """Counts, length distributions, answer letters, annotations, missing fields; tables + PNGs."""
+    from medtune.data.quality import inspect, write_inspect_report
+
+    stats = inspect(args.file, tokenizer=args.tokenizer)
+    paths = write_inspect_report(stats, args.out)
+    print((Path(args.out) / "inspect.md").read_text(encoding="utf-8"))
+    print("written: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    """Duplicates, near duplicates, leakage across splits, malformed rows; non-zero exit on leakage."""
+    from medtune.data.quality import check, check_exit_code
+    from medtune.io import atomic_write_json
+
+    report = check(args.train, args.val, args.test, near_threshold=args.near_threshold)
+    counts = report["counts"]
+    print(f"records: {counts['records']}; malformed: {counts['malformed']}")
+    print(f"exact duplicates within splits: {counts['exact_within']}; across splits: {counts['exact_across']}")
+    print(f"near duplicates (Jaccard ≥ {args.near_threshold}) within: {counts['near_within']}; "
+          f"across: {counts['near_across']}")
+    print(f"leakage: val in train {counts['val_in_train']}, test in train {counts['test_in_train']}, "
+          f"test in val {counts['test_in_val']}")
+    if args.out:
+        atomic_write_json(args.out, report)
+        print(f"report: {args.out}")
+    code = check_exit_code(report, allow_leakage=args.allow_leakage)
+    if code:
+        print("leakage found: exit 1 (pass --allow-leakage to accept it)")
+    return code
+
+
 # ---- train -----------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune from a YAML recipe plus key=value overrides."""
@@ -313,6 +347,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop at the first bad row (default) or write bad rows to a rejects file")
     c.add_argument("--rejects", help="rejects file (default: OUT stem + .rejects.jsonl)")
     c.set_defaults(func=cmd_convert)
+
+    d = sub.add_parser("data", help="inspect a data file, or check splits for duplicates and leakage")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="inspect|check")
+    di = dsub.add_parser("inspect", help="counts, lengths, answer letters, annotations, missing fields")
+    di.add_argument("file", help="records, raw CMExam, PromptCBLUE or instruction file")
+    di.add_argument("--out", default="inspect", help="folder for inspect.json/.md and PNG histograms")
+    di.add_argument("--tokenizer", help="model folder or hub id: token-length distribution too")
+    di.set_defaults(func=cmd_data_inspect)
+    dc = dsub.add_parser("check", help="exact/near duplicates, leakage of val/test into train, malformed rows")
+    dc.add_argument("train")
+    dc.add_argument("val", nargs="?")
+    dc.add_argument("test", nargs="?")
+    dc.add_argument("--near-threshold", type=float, default=0.9, help="character 3-gram Jaccard for near duplicates")
+    dc.add_argument("--allow-leakage", action="store_true", help="exit 0 even when leakage is found")
+    dc.add_argument("--out", help="write the full report (every pair) as JSON")
+    dc.set_defaults(func=cmd_data_check)
 
     t = sub.add_parser("train", help="fine-tune from a YAML recipe (resumes automatically)")
     t.add_argument("config", help="YAML recipe, e.g. src/medtune/configs/quickstart.yaml")
