@@ -337,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="raw data set file → validated records (JSON lines)")
     c.add_argument("format", choices=["cmexam", "promptcblue", "exam-xlsx", "alpaca", "sharegpt", "messages",
-                                      "preference", "qa", "auto"],
-                   help="source format (auto: detect alpaca/sharegpt/messages/preference/qa from the keys)")
+                                      "preference", "qa", "summary", "auto"],
+                   help="source format (auto: detect alpaca/sharegpt/messages/preference/qa/summary from the keys)")
     c.add_argument("input", help="CMExam .csv/.jsonl/.xlsx, PromptCBLUE JSON lines, exam .xlsx, instruction JSON lines")
     c.add_argument("--lang", choices=["zh", "en"], help="exam-xlsx: which paper (Chinese or English)")
     c.add_argument("--sheet", help="exam-xlsx: sheet name (default: the one naming the language)")

@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 #: Shapes that become ``Conversation`` records.
-CONVERSATION_FORMATS = ("alpaca", "sharegpt", "messages", "qa")
+CONVERSATION_FORMATS = ("alpaca", "sharegpt", "messages", "qa", "summary")
 #: Every shape ``detect_format`` can return.
 FORMATS = (*CONVERSATION_FORMATS, "preference")
 
@@ -87,6 +87,7 @@ _USED_KEYS = {
     "sharegpt": {"id", "meta", "conversations", "system"},
     "messages": {"id", "meta", "messages", "system"},
     "qa": {"id", "meta", "question", "answer", "system"},
+    "summary": {"id", "meta", "dialogue", "summary"},
 }
 
 
@@ -147,6 +148,8 @@ def detect_format(first_row: Mapping[str, Any]) -> str:
         raise ValueError("this looks like exam data (it has 'options'): read it with medtune.data.cmexam")
     if "question" in keys and "answer" in keys:
         return "qa"
+    if "dialogue" in keys and "summary" in keys:
+        return "summary"
     raise ValueError(f"unknown data shape: keys {sorted(map(str, keys))} match none of {FORMATS}")
 
 
@@ -263,6 +266,46 @@ def qa_to_conversation(row: Mapping[str, Any], record_id: str) -> Conversation:
     return _conversation(record_id, turns, _meta(row, _USED_KEYS["qa"]))
 
 
+def summary_instruction() -> str:
+    """The dialogue-summarisation instruction (``templates/summary/zh.txt``, with ``{dialogue}``)."""
+    from importlib import resources
+
+    return (resources.files("medtune") / "templates" / "summary" / "zh.txt").read_text(encoding="utf-8")
+
+
+def summary_to_conversation(row: Mapping[str, Any], record_id: str) -> Conversation:
+    """Convert one ``{dialogue, summary}`` row into instruction + dialogue → summary.
+
+    ``dialogue`` is a string, or a list of turns: strings, or ``{speaker|role|from, text|content|value}``
+    objects rendered as ``说话人：内容`` lines.
+
+    Raises:
+        RecordError: ``field`` is ``dialogue`` or ``summary``.
+    """
+    dialogue = row.get("dialogue")
+    if isinstance(dialogue, list):
+        lines = []
+        for i, turn in enumerate(dialogue):
+            if isinstance(turn, str):
+                lines.append(turn)
+            elif isinstance(turn, Mapping):
+                who = turn.get("speaker") or turn.get("role") or turn.get("from") or ""
+                text = turn.get("text") or turn.get("content") or turn.get("value")
+                if not isinstance(text, str):
+                    raise RecordError(f"dialogue[{i}]", "a turn needs text/content/value as a string")
+                lines.append(f"{who}：{text}" if who else text)
+            else:
+                raise RecordError(f"dialogue[{i}]", "a turn must be a string or an object")
+        dialogue = "\n".join(lines)
+    if not isinstance(dialogue, str) or not dialogue.strip():
+        raise RecordError("dialogue", "expected a non-empty string or list of turns")
+    summary = _string(row, "summary", required=True)
+    prompt = summary_instruction().replace("{dialogue}", dialogue.strip())
+    turns = [_Turn("user", prompt, "dialogue", "dialogue"), _Turn("assistant", summary, "summary", "summary")]
+    _check_turns(turns, list_field="dialogue", require_reply=True)
+    return _conversation(record_id, turns, _meta(row, _USED_KEYS["summary"]))
+
+
 def preference_to_pair(row: Mapping[str, Any], record_id: str) -> PreferencePair:
     """Convert one preference row into a ``PreferencePair``.
 
@@ -329,6 +372,7 @@ CONVERTERS: dict[str, Callable[[Mapping[str, Any], str], Any]] = {
     "sharegpt": sharegpt_to_conversation,
     "messages": messages_to_conversation,
     "qa": qa_to_conversation,
+    "summary": summary_to_conversation,
     "preference": preference_to_pair,
 }
 
