@@ -68,9 +68,8 @@ def test_summarisation_base_vs_tuned(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_question_generation_pairs_sft_and_evaluation(tmp_path, tiny_model_dir):
-    from test_exam_xlsx import write_book  # the fixture workbook builder of the converter tests
-
     from medtune.data.exam_xlsx import format_output, parse_questions
+    from test_exam_xlsx import write_book  # the fixture workbook builder of the converter tests
 
     passage = "黄帝内经是中国最早的医学典籍，分为素问和灵枢两部分，奠定了中医学的理论基础。"
     questions = ("1．黄帝内经分为哪两部分？（3分）\nA．素问和灵枢 B．伤寒和金匮\nC．本草和方剂 D．针经和脉经\n"
