@@ -261,6 +261,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return TerminalChat(loaded.backend, loaded.template, params, exam=args.exam, system=args.system).run()
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """OpenAI-compatible HTTP API (FastAPI + uvicorn), localhost unless told otherwise."""
+    import os
+
+    from medtune.inference.server import create_app, serve
+
+    loaded = _load(args, "serve")
+    api_key = args.api_key or os.environ.get("MEDTUNE_API_KEY") or None
+    app = create_app(loaded.backend, args.model_name or loaded.name, api_key=api_key,
+                     max_queue=args.max_queue, max_concurrency=args.max_concurrency,
+                     max_prompt_tokens=args.max_prompt_tokens)
+    print(f"serving {args.model_name or loaded.name} on http://{args.host}:{args.port}/v1 "
+          f"({'API key required' if api_key else 'no API key'})")
+    serve(app, host=args.host, port=args.port)
+    return 0
+
+
 def cmd_webui(args: argparse.Namespace) -> int:
     """The gradio demo: chat, exam (with option probabilities) and base-vs-tuned compare tabs."""
     from medtune.inference.base import GenerationParams
@@ -437,6 +454,19 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ch.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     ch.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions")
+    sv.add_argument("run_dir", nargs="?", help="training run directory")
+    _model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require this bearer token (default: $MEDTUNE_API_KEY, else none)")
+    sv.add_argument("--model-name", help="model id clients must send (default: the run folder name)")
+    sv.add_argument("--max-queue", type=int, default=8, help="requests admitted at once; more get 429")
+    sv.add_argument("--max-concurrency", type=int, default=1, help="generations running at once")
+    sv.add_argument("--max-prompt-tokens", type=int, default=4096)
+    sv.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    sv.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("webui", help="gradio demo in the browser (chat, exam, compare)")
     w.add_argument("run_dir", nargs="?", help="training run directory")

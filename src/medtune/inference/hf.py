@@ -26,6 +26,9 @@ class HFBackend:
         self.tokenizer = tokenizer
         self.use_adapter = use_adapter
         self.device = next(model.parameters()).device
+        # The tokenizer is shared with other threads (the server counts tokens while generating);
+        # a padded call temporarily changes its padding settings, so calls are serialised.
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def has_adapter(self) -> bool:
@@ -34,7 +37,9 @@ class HFBackend:
 
     def base(self) -> HFBackend:
         """The same weights with the adapter switched off."""
-        return HFBackend(self.model, self.tokenizer, use_adapter=False)
+        view = HFBackend(self.model, self.tokenizer, use_adapter=False)
+        view._tokenizer_lock = self._tokenizer_lock
+        return view
 
     def adapter_context(self) -> contextlib.AbstractContextManager:
         """Switches the adapter off for the duration when this backend is the base view."""
@@ -66,13 +71,14 @@ class HFBackend:
         self, prompts: list[str], params: GenerationParams, add_special_tokens: bool = True
     ) -> list[str]:
         """Greedy (or sampled) continuations; left padding so every prompt ends where output starts."""
-        enc = self.tokenizer(
-            prompts,
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",
-            add_special_tokens=add_special_tokens,
-        ).to(self.device)
+        with self._tokenizer_lock:
+            enc = self.tokenizer(
+                prompts,
+                return_tensors="pt",
+                padding=True,
+                padding_side="left",
+                add_special_tokens=add_special_tokens,
+            ).to(self.device)
         with self.adapter_context():
             out = self.model.generate(**enc, **self._generate_kwargs(params))
         new_tokens = out[:, enc["input_ids"].shape[1] :]
@@ -80,31 +86,45 @@ class HFBackend:
         return [cut_at_stop(t, params.stop)[0] for t in texts]
 
     def stream(self, prompt: str, params: GenerationParams, add_special_tokens: bool = True) -> Iterator[str]:
-        """Yield text pieces as tokens are generated (generation runs in a worker thread)."""
-        from transformers import TextIteratorStreamer
+        """Yield text pieces as tokens are generated (generation runs in a worker thread).
 
-        enc = self.tokenizer([prompt], return_tensors="pt", add_special_tokens=add_special_tokens).to(self.device)
+        Closing the generator early (a client went away) stops generation at the next token.
+        """
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        with self._tokenizer_lock:
+            enc = self.tokenizer([prompt], return_tensors="pt", add_special_tokens=add_special_tokens).to(self.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancelled = threading.Event()
         errors: list[BaseException] = []
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
+                return cancelled.is_set()
 
         def work() -> None:
             try:
                 with torch.inference_mode(), self.adapter_context():
-                    self.model.generate(**enc, **self._generate_kwargs(params), streamer=streamer)
+                    self.model.generate(**enc, **self._generate_kwargs(params), streamer=streamer,
+                                        stopping_criteria=StoppingCriteriaList([_Cancelled()]))
             except BaseException as exc:  # surfaced in the consumer below
                 errors.append(exc)
                 streamer.end()
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        yield from stream_with_stops((p for p in streamer if p), params.stop)
-        thread.join()
+        try:
+            yield from stream_with_stops((p for p in streamer if p), params.stop)
+        finally:
+            cancelled.set()
+            thread.join()
         if errors:
             raise errors[0]
 
     def count_tokens(self, text: str, add_special_tokens: bool = False) -> int:
         """Token count with this model's tokenizer."""
-        return len(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        with self._tokenizer_lock:
+            return len(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
 @torch.inference_mode()

@@ -1,0 +1,836 @@
+"""An OpenAI-compatible HTTP server over any medtune backend.
+
+Endpoints (the subset of the OpenAI API that a text-only model can honour):
+
+- ``GET /v1/models`` and ``GET /v1/models/{id}``: the one served model.
+- ``POST /v1/chat/completions``: messages rendered with the model's chat template
+  (:func:`medtune.inference.chat.chat_prompt`), optionally streamed as server-sent events.
+- ``POST /v1/completions``: a raw prompt continued, optionally streamed.
+- ``GET /health``: liveness plus the current load (no API key needed, for probes).
+
+Decoding is greedy unless the request sets ``temperature`` above 0: medtune's convention, so
+that asking the same exam question twice gives the same answer. Parameters that change the shape
+of a response the server cannot produce (tools, logprobs, echo, suffix, best_of > 1, non-text
+response formats) are refused with 400; hints it cannot act on (seed, penalties, logit_bias,
+user, metadata) are accepted and ignored, as many clients send them by default.
+
+Generation never runs on the event loop: backend calls go to worker threads, at most
+``max_concurrency`` at a time, and at most ``max_queue`` requests are admitted (running plus
+waiting). Anything beyond that is answered 429 at once instead of piling up, so a client can back
+off and retry. Every error is returned in OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
+
+from medtune.inference.base import GenerationParams
+from medtune.inference.chat import chat_prompt
+
+logger = logging.getLogger(__name__)
+
+OWNER = "medtune"
+DEFAULT_MAX_TOKENS = 256
+MAX_CHOICES = 4  # n; each choice costs a full generation
+MAX_STOP_STRINGS = 4  # OpenAI's own limit
+MAX_BODY_BYTES = 8 * 1024 * 1024  # far above any prompt max_prompt_tokens allows; stops memory abuse
+
+# Roles a chat template understands; OpenAI's newer "developer" role is the system prompt renamed.
+_ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape; raised anywhere inside a request.
+
+    Args:
+        status: HTTP status code.
+        message: Human-readable explanation, safe to show to the client.
+        type: OpenAI error type (``invalid_request_error``, ``server_error``, ...).
+        param: The request field at fault, when there is one.
+        code: Machine-readable code (``model_not_found``, ``context_length_exceeded``, ...).
+        headers: Extra response headers (e.g. ``Retry-After`` on 429).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",  # noqa: A002 - the field's name in OpenAI's schema
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body OpenAI clients parse into their exception objects."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        """The error as a JSON response."""
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
+    """A 400 ``invalid_request_error``."""
+    return APIError(400, message, param=param, code=code)
+
+
+# ---- request validation -----------------------------------------------------------------------------
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+               dict: "an object"}
+
+
+def _typed(body: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    """``body[key]`` checked against ``kind``; ``default`` when absent or null.
+
+    ``bool`` is a subclass of ``int`` in Python, so booleans are refused where a number is
+    expected (``"max_tokens": true`` is a client bug, not 1).
+    """
+    value = body.get(key)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        ok = False
+    else:
+        ok = isinstance(value, kinds)
+    if not ok:
+        raise _bad(f"'{key}' must be {' or '.join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)}, "
+                   f"got {type(value).__name__}", key, code="invalid_type")
+    return value
+
+
+def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    """A finite number within ``[lo, hi]`` (``(lo, hi]`` when ``lo_open``)."""
+    value = float(_typed(body, key, (int, float), default))
+    if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise _bad(f"'{key}' must be in {interval}, got {value!r}", key)
+    return value
+
+
+def _integer(body: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    """An integer within ``[lo, hi]``; whole floats such as ``2.0`` are accepted (JavaScript clients)."""
+    value = _typed(body, key, (int, float), default)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise _bad(f"'{key}' must be an integer, got {value!r}", key, code="invalid_type")
+        value = int(value)
+    if not lo <= value <= hi:
+        raise _bad(f"'{key}' must be between {lo} and {hi}, got {value}", key)
+    return value
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    """``stop`` as a tuple: a string or a list of up to four non-empty strings."""
+    value = _typed(body, "stop", (str, list), ())
+    stops = [value] if isinstance(value, str) else value
+    if len(stops) > MAX_STOP_STRINGS:
+        raise _bad(f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}", "stop")
+    for s in stops:
+        if not isinstance(s, str) or not s:
+            # An empty stop string would end every generation before it starts.
+            raise _bad("'stop' entries must be non-empty strings", "stop", code="invalid_type")
+    return tuple(stops)
+
+
+def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
+    """400 for parameters whose effect the response would silently lack."""
+    if body.get("tools") or body.get("functions"):
+        raise _bad("tool and function calling are not supported by this server", "tools", "unsupported_parameter")
+    if chat and body.get("logprobs"):
+        raise _bad("logprobs are not supported by this server", "logprobs", "unsupported_parameter")
+    if not chat and body.get("logprobs") is not None:
+        raise _bad("logprobs are not supported by this server", "logprobs", "unsupported_parameter")
+    if not chat and body.get("echo"):
+        raise _bad("echo is not supported by this server", "echo", "unsupported_parameter")
+    if not chat and body.get("suffix"):
+        raise _bad("suffix (insertion) is not supported by this server", "suffix", "unsupported_parameter")
+    if not chat and body.get("best_of") not in (None, 1):
+        raise _bad("best_of is not supported by this server", "best_of", "unsupported_parameter")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type", "text") == "text"):
+        raise _bad("only the text response format is supported", "response_format", "unsupported_parameter")
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A validated completion request, chat or plain."""
+
+    chat: bool
+    messages: list[dict[str, str]] | None  # chat requests
+    prompt: str | None  # completion requests
+    params: GenerationParams
+    n: int
+    stream: bool
+    include_usage: bool
+
+
+def _content_text(content: Any, where: str) -> str:
+    """A message's content as text: a string, or OpenAI's list of ``{"type": "text"}`` parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise _bad(f"{where}[{i}] must be a text part; this model reads text only", f"{where}[{i}]",
+                           code="invalid_type")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise _bad(f"{where} must be a string or a list of text parts", where, code="invalid_type")
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    """``messages`` reduced to ``{"role", "content"}`` dicts that ``chat_prompt`` accepts."""
+    if "messages" not in body or body["messages"] is None:
+        raise _bad("'messages' is required", "messages", code="missing_required_parameter")
+    raw = _typed(body, "messages", list)
+    if not raw:
+        raise _bad("'messages' must contain at least one message", "messages")
+    out = []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _bad(f"{where} must be an object", where, code="invalid_type")
+        role = m.get("role")
+        if role not in _ROLE_ALIASES:
+            raise _bad(f"{where}.role must be one of system, developer, user, assistant; got {role!r}",
+                       f"{where}.role")
+        out.append({"role": _ROLE_ALIASES[role], "content": _content_text(m.get("content"), f"{where}.content")})
+    return out
+
+
+def _prompt(body: dict[str, Any]) -> str:
+    """``prompt``: a string, or a list holding exactly one string."""
+    if "prompt" not in body or body["prompt"] is None:
+        raise _bad("'prompt' is required", "prompt", code="missing_required_parameter")
+    value = _typed(body, "prompt", (str, list))
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], str):
+            raise _bad("'prompt' must be a string or a list of exactly one string (batches and token ids "
+                       "are not supported)", "prompt")
+        value = value[0]
+    return value
+
+
+def _parse(body: Any, chat: bool, model_name: str, max_tokens_limit: int) -> _Request:
+    """Validate a request body; raises :class:`APIError` (400/404) on the first problem found."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object", None, code="invalid_type")
+    # Fields are checked in the order a user would fix them: what to run, then with what input.
+    model = _typed(body, "model", str)
+    if model is None:
+        raise _bad("'model' is required", "model", code="missing_required_parameter")
+    if model != model_name:
+        raise APIError(404, f"The model '{model}' does not exist; this server serves '{model_name}'",
+                       param="model", code="model_not_found")
+    messages = _messages(body) if chat else None
+    prompt = None if chat else _prompt(body)
+    _refuse_unsupported(body, chat)
+
+    default_max = min(DEFAULT_MAX_TOKENS, max_tokens_limit)
+    key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _integer(body, key, default_max, 1, max_tokens_limit)
+    temperature = _number(body, "temperature", 0.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    n = _integer(body, "n", 1, 1, MAX_CHOICES)
+    stream = _typed(body, "stream", bool, False)
+    options = _typed(body, "stream_options", dict, {})
+    include_usage = _typed(options, "include_usage", bool, False)
+    if stream and n > 1:
+        raise _bad("streaming supports n=1 only", "n")
+    params = GenerationParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=_stop(body))
+    return _Request(chat, messages, prompt, params, n, stream, include_usage)
+
+
+# ---- admission and concurrency ----------------------------------------------------------------------
+
+
+class _Ticket:
+    """One admitted request's place in the queue; released exactly once."""
+
+    def __init__(self, gate: _Gate):
+        self._gate = gate
+        self._held = True
+
+    def release(self) -> None:
+        """Give the place back (idempotent, so every exit path may call it)."""
+        if self._held:
+            self._held = False
+            self._gate.admitted -= 1
+
+
+class _Gate:
+    """Admission control: a bounded queue in front of a concurrency limit.
+
+    Both counters live on the event loop thread only, so check-and-increment needs no lock (no
+    ``await`` sits between them).
+    """
+
+    def __init__(self, max_queue: int, max_concurrency: int):
+        self.max_queue = max_queue
+        self.max_concurrency = max_concurrency
+        self.admitted = 0  # running + waiting
+        self.running = 0
+        self._slots: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        # An asyncio semaphore belongs to one event loop; an app served again later (a new
+        # uvicorn run, a test) gets a fresh one instead of "bound to a different event loop".
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._loop is not loop:
+            self._slots, self._loop = asyncio.Semaphore(self.max_concurrency), loop
+        return self._slots
+
+    def admit(self) -> _Ticket:
+        """A ticket, or 429 when the queue is full."""
+        if self.admitted >= self.max_queue:
+            raise APIError(429, f"The server is busy ({self.admitted} requests admitted, limit {self.max_queue}); "
+                           "retry shortly", type="rate_limit_exceeded", code="queue_full",
+                           headers={"Retry-After": "1"})
+        self.admitted += 1
+        return _Ticket(self)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one of the ``max_concurrency`` generation slots."""
+        async with self._semaphore():
+            self.running += 1
+            try:
+                yield
+            finally:
+                self.running -= 1
+
+
+# ---- running the backend ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Prepared:
+    """The rendered prompt and what it costs."""
+
+    text: str
+    add_special_tokens: bool
+    prompt_tokens: int
+
+
+def _prepare(backend: Any, req: _Request, max_prompt_tokens: int) -> _Prepared:
+    """Render and measure the prompt (in a worker thread: templates and tokenizers cost CPU)."""
+    if req.chat:
+        try:
+            text, add_special = chat_prompt(req.messages or [], getattr(backend, "tokenizer", None))
+        except Exception as exc:
+            # Chat templates reject conversations they cannot render (e.g. roles that do not
+            # alternate); that is the request's fault, so it is a 400 with the template's reason.
+            raise _bad(f"the messages cannot be rendered with this model's chat template: {exc}",
+                       "messages") from exc
+    else:
+        text, add_special = req.prompt or "", True
+    prompt_tokens = backend.count_tokens(text, add_special_tokens=add_special)
+    if prompt_tokens > max_prompt_tokens:
+        raise _bad(f"the prompt is {prompt_tokens} tokens; this server accepts at most {max_prompt_tokens}",
+                   "messages" if req.chat else "prompt", code="context_length_exceeded")
+    return _Prepared(text, add_special, prompt_tokens)
+
+
+def _generate(backend: Any, prep: _Prepared, req: _Request) -> list[tuple[str, int]]:
+    """``(text, completion_tokens)`` per choice (runs in a worker thread).
+
+    Greedy choices are identical, so one generation serves all of them. Sampled choices are
+    generated one prompt at a time rather than as a batch: a batch makes the transformers
+    backend switch its shared tokenizer's padding on, which races with the token counting other
+    requests do concurrently (measured: batched calls then fail with "Unable to create tensor").
+    """
+    if req.n == 1 or req.params.temperature == 0:
+        texts = backend.generate([prep.text], req.params, add_special_tokens=prep.add_special_tokens) * req.n
+    else:
+        texts = [backend.generate([prep.text], req.params, add_special_tokens=prep.add_special_tokens)[0]
+                 for _ in range(req.n)]
+    counts: dict[str, int] = {}
+    for t in texts:
+        if t not in counts:
+            counts[t] = _completion_tokens(backend, t, req.params.max_new_tokens)
+    return [(t, counts[t]) for t in texts]
+
+
+def _completion_tokens(backend: Any, text: str, max_tokens: int) -> int:
+    """Tokens in a generated text, counted by re-tokenising it.
+
+    Re-tokenising can overcount: a piece of a multi-byte character decodes to U+FFFD, which
+    encodes back to several tokens. The backend never generates more than ``max_tokens``, so
+    the count is capped there.
+    """
+    return min(backend.count_tokens(text, add_special_tokens=False), max_tokens)
+
+
+def _backend_failure(exc: BaseException) -> APIError:
+    """Log a backend exception server-side; the client gets a generic 500 without internals."""
+    logger.error("backend failed to generate", exc_info=exc)
+    return APIError(500, "The model backend failed while generating; see the server log.", type="server_error",
+                    code="backend_error")
+
+
+class _ThreadedStream:
+    """Iterates ``backend.stream`` in a worker thread and hands pieces to the event loop.
+
+    The thread posts ``("piece", text)``, then ``("end", completion_tokens)`` or
+    ``("error", exception)`` to an asyncio queue. :meth:`close` asks the thread to stop at the
+    next piece and waits until it has, so the caller's generation slot is not released while the
+    backend is still working for a client that has gone.
+    """
+
+    def __init__(self, backend: Any, prep: _Prepared, params: GenerationParams):
+        self._backend = backend
+        self._prep = prep
+        self._params = params
+        self._cancel = threading.Event()
+        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._done = asyncio.Event()
+        self._thread: threading.Thread | None = None
+        self.completion_tokens = 0
+
+    def start(self) -> None:
+        """Start the producer thread (call on the event loop)."""
+        loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._produce, args=(loop,), name="medtune-stream", daemon=True)
+        self._thread.start()
+
+    def _produce(self, loop: asyncio.AbstractEventLoop) -> None:
+        def post(item: tuple[str, Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is left to read
+                loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+        try:
+            pieces = self._backend.stream(self._prep.text, self._params,
+                                          add_special_tokens=self._prep.add_special_tokens)
+            produced: list[str] = []
+            try:
+                for piece in pieces:
+                    if self._cancel.is_set():
+                        break
+                    if piece:
+                        produced.append(piece)
+                        post(("piece", piece))
+            finally:
+                # Closing the generator lets the backend clean up now rather than at garbage collection.
+                close = getattr(pieces, "close", None)
+                if close is not None:
+                    close()
+            if not self._cancel.is_set():
+                post(("end", _completion_tokens(self._backend, "".join(produced), self._params.max_new_tokens)))
+        except BaseException as exc:  # handed to the event loop, which decides what the client sees
+            post(("error", exc))
+        finally:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._done.set)
+
+    async def next_piece(self) -> str | None:
+        """The next piece, or None at the end; re-raises the backend's exception."""
+        kind, value = await self._queue.get()
+        if kind == "piece":
+            return value
+        if kind == "end":
+            self.completion_tokens = value
+            return None
+        raise value
+
+    async def close(self) -> None:
+        """Stop the producer and wait for its thread to finish, even while being cancelled."""
+        if self._thread is None:
+            return
+        self._cancel.set()
+        with anyio.CancelScope(shield=True):
+            await self._done.wait()
+
+
+class _TicketedStreamingResponse(StreamingResponse):
+    """A streaming response that gives its request's queue place back when it ends, however it ends.
+
+    When the client disconnects, Starlette cancels the send loop and may leave the body generator
+    suspended at a ``yield``; closing the generator here (rather than at garbage collection) runs
+    its cleanup, which stops generation and frees the slot straight away.
+    """
+
+    def __init__(self, content: AsyncIterator[str], ticket: _Ticket):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._ticket = ticket
+        self._content = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                aclose = getattr(self._content, "aclose", None)
+                if aclose is not None:
+                    with anyio.CancelScope(shield=True):
+                        await aclose()
+            finally:
+                self._ticket.release()
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    """One server-sent event carrying ``payload`` (JSON, or a literal such as ``[DONE]``)."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+def _finish_reason(completion_tokens: int, max_tokens: int) -> str:
+    """``length`` when the token budget was used up, else ``stop``."""
+    return "length" if completion_tokens >= max_tokens else "stop"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+# ---- the app ----------------------------------------------------------------------------------------
+
+
+def create_app(
+    backend: Any,
+    model_name: str,
+    tokenizer: Any = None,
+    api_key: str | None = None,
+    max_queue: int = 8,
+    max_concurrency: int = 1,
+    max_prompt_tokens: int = 4096,
+    max_tokens_limit: int = 2048,
+) -> FastAPI:
+    """Build the OpenAI-compatible app around ``backend``.
+
+    Args:
+        backend: Any :class:`medtune.inference.base.Backend` (``HFBackend``, ``VLLMBackend``,
+            ``FakeBackend``).
+        model_name: The id clients must send as ``model`` and that ``/v1/models`` lists.
+        tokenizer: The tokenizer whose chat template renders chat requests; defaults to
+            ``backend.tokenizer`` when the backend has one, else a plain 用户/助手 transcript.
+        api_key: When set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``.
+        max_queue: Most requests admitted at once (running plus waiting); more get 429.
+        max_concurrency: Most generations running at once.
+        max_prompt_tokens: Longest prompt accepted, in the backend's tokens (400 beyond).
+        max_tokens_limit: Largest ``max_tokens`` a request may ask for.
+
+    Returns:
+        The FastAPI application; run it with :func:`serve` (or any ASGI server).
+
+    Raises:
+        ValueError: A limit is not a positive integer.
+    """
+    for name, value in (("max_queue", max_queue), ("max_concurrency", max_concurrency),
+                        ("max_prompt_tokens", max_prompt_tokens), ("max_tokens_limit", max_tokens_limit)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if api_key is not None and not api_key:
+        raise ValueError("api_key must be non-empty (pass None to serve without one)")
+    if tokenizer is not None and getattr(backend, "tokenizer", None) is not tokenizer:
+        backend = _WithTokenizer(backend, tokenizer)
+
+    gate = _Gate(max_queue, max_concurrency)
+    created = int(time.time())
+    expected_key = api_key.encode() if api_key else None
+
+    # No interactive docs: they would be a second, unauthenticated surface to keep in step.
+    app = FastAPI(title="medtune", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.medtune = gate
+    app.state.model_name = model_name
+    app.state.api_key_required = api_key is not None
+
+    # ---- error handlers: every failure leaves in OpenAI's shape ----
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI answers 422 by default; OpenAI clients expect 400 for a malformed request.
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return _bad(f"invalid request: {first.get('msg', 'validation failed')}", param,
+                    code="invalid_type").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message, code = f"Unknown route: {request.method} {request.url.path}", "not_found"
+        elif exc.status_code == 405:
+            message, code = f"Method {request.method} is not allowed on {request.url.path}", "method_not_allowed"
+        else:
+            message, code = str(exc.detail), None
+        return APIError(exc.status_code, message, code=code, headers=exc.headers).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return APIError(500, "Internal server error; see the server log.", type="server_error",
+                        code="internal_error").response()
+
+    # ---- authentication ----
+
+    async def check_api_key(request: Request) -> None:
+        if expected_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        # Constant-time on bytes: compare_digest refuses non-ASCII str, and a header can carry any.
+        given = token.strip().encode("utf-8", "surrogateescape")
+        if not (hmac.compare_digest(given, expected_key) and scheme.lower() == "bearer"):
+            raise APIError(401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+    def model_card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": OWNER}
+
+    @v1.get("/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id != model_name:
+            raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+        return model_card()
+
+    async def read_json(request: Request) -> Any:
+        """The body as JSON, reading at most MAX_BODY_BYTES of it."""
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise APIError(400, "the client disconnected while sending the request", code="client_disconnect") from None
+        try:
+            return json.loads(b"".join(chunks))
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise _bad(f"the request body is not valid JSON: {exc}", None, code="invalid_json") from None
+
+    async def complete(request: Request, chat: bool) -> Any:
+        req = _parse(await read_json(request), chat, model_name, max_tokens_limit)
+        ticket = gate.admit()
+        try:
+            try:
+                prep = await anyio.to_thread.run_sync(_prepare, backend, req, max_prompt_tokens)
+            except APIError:
+                raise
+            except Exception as exc:  # the tokenizer itself failed
+                raise _backend_failure(exc) from None
+            if req.stream:
+                response = _TicketedStreamingResponse(_stream_events(req, prep), ticket)
+                ticket = None  # the response owns the place in the queue from here on
+                return response
+            async with gate.slot():
+                try:
+                    # run_sync waits for the thread even if the request is cancelled, so the slot
+                    # is held exactly as long as the backend is busy.
+                    choices = await anyio.to_thread.run_sync(_generate, backend, prep, req)
+                except APIError:
+                    raise
+                except Exception as exc:
+                    raise _backend_failure(exc) from None
+        finally:
+            if ticket is not None:
+                ticket.release()
+        return _response_body(req, prep, choices)
+
+    def _response_body(req: _Request, prep: _Prepared, choices: list[tuple[str, int]]) -> dict[str, Any]:
+        completion_tokens = sum(c for _, c in choices)
+        body: dict[str, Any] = {
+            "id": ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex,
+            "object": "chat.completion" if req.chat else "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": [],
+            "usage": _usage(prep.prompt_tokens, completion_tokens),
+        }
+        for i, (text, tokens) in enumerate(choices):
+            finish = _finish_reason(tokens, req.params.max_new_tokens)
+            if req.chat:
+                body["choices"].append({"index": i, "message": {"role": "assistant", "content": text},
+                                        "logprobs": None, "finish_reason": finish})
+            else:
+                body["choices"].append({"index": i, "text": text, "logprobs": None, "finish_reason": finish})
+        return body
+
+    async def _stream_events(req: _Request, prep: _Prepared) -> AsyncIterator[str]:
+        """The SSE body: role chunk, content chunks, finish chunk, optional usage, ``[DONE]``."""
+        cid = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex
+        stamp = int(time.time())
+        obj = "chat.completion.chunk" if req.chat else "text_completion"
+
+        def chunk(piece: str | None = None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+            if req.chat:
+                delta: dict[str, str] = {"role": "assistant"} if role else {}
+                if piece is not None:
+                    delta["content"] = piece
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+            return {"id": cid, "object": obj, "created": stamp, "model": model_name, "choices": [choice]}
+
+        if req.chat:
+            # Sent before waiting for a slot, so a queued client sees at once that it was accepted.
+            yield _sse(chunk(role=True))
+        async with gate.slot():
+            producer = _ThreadedStream(backend, prep, req.params)
+            producer.start()
+            try:
+                while (piece := await producer.next_piece()) is not None:
+                    yield _sse(chunk(piece))
+            except Exception as exc:
+                # Headers are long gone: report in-stream, in the shape OpenAI's client raises on.
+                yield _sse(_backend_failure(exc).body())
+                return
+            finally:
+                await producer.close()
+        finish = _finish_reason(producer.completion_tokens, req.params.max_new_tokens)
+        yield _sse(chunk(finish=finish))
+        if req.include_usage:
+            yield _sse({"id": cid, "object": obj, "created": stamp, "model": model_name, "choices": [],
+                        "usage": _usage(prep.prompt_tokens, producer.completion_tokens)})
+        yield _sse("[DONE]")
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await complete(request, chat=True)
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Any:
+        return await complete(request, chat=False)
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, "running": gate.running,
+                "waiting": gate.admitted - gate.running, "max_queue": gate.max_queue}
+
+    return app
+
+
+class _WithTokenizer:
+    """A backend seen with another tokenizer's chat template (``create_app(tokenizer=...)``)."""
+
+    def __init__(self, backend: Any, tokenizer: Any):
+        self._backend = backend
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+
+# ---- running it -------------------------------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve ``app`` with uvicorn until interrupted.
+
+    Args:
+        app: An app from :func:`create_app`.
+        host: Interface to bind; the loopback default keeps the model private to this machine.
+        port: TCP port.
+        log_level: uvicorn's log level.
+    """
+    import uvicorn
+
+    if not _is_loopback(host) and not getattr(app.state, "api_key_required", False):
+        logger.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
+    # A bounded graceful shutdown: open streams would otherwise keep Ctrl+C waiting indefinitely.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+
+
+@contextlib.contextmanager
+def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
+                      startup_timeout: float = 30.0) -> Iterator[str]:
+    """Run ``app`` in a daemon thread for the ``with`` block; yields its base URL.
+
+    The socket is bound here, before uvicorn starts, so ``port=0`` picks a free port without the
+    race of probing for one and binding it later. Used by the tests and the load benchmark.
+
+    Args:
+        app: The ASGI app.
+        host: Interface to bind (loopback by default).
+        port: Port, 0 for any free one.
+        startup_timeout: Seconds to wait for uvicorn to start.
+
+    Yields:
+        ``http://host:port``.
+
+    Raises:
+        RuntimeError: uvicorn did not start in time.
+    """
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto must be IPPROTO_TCP explicitly: asyncio enables TCP_NODELAY only on sockets that say so,
+    # and without it each keep-alive response stalls ~40 ms (Nagle against delayed ACKs).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound_port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="medtune-server", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        yield f"http://{f'[{host}]' if family == socket.AF_INET6 else host}:{bound_port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
