@@ -28,6 +28,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from medtune.data.cmexam import default_rejects_path
 
     rejects = args.rejects or default_rejects_path(args.out)
+    if args.on_invalid is None:
+        args.on_invalid = "skip" if args.format == "exam-xlsx" else "error"
     if args.format == "exam-xlsx":
         from medtune.data.exam_xlsx import convert_exam_xlsx, summary_lines
 
@@ -360,8 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lang", choices=["zh", "en"], help="exam-xlsx: which paper (Chinese or English)")
     c.add_argument("--sheet", help="exam-xlsx: sheet name (default: the one naming the language)")
     c.add_argument("--out", required=True, help="records .jsonl to write")
-    c.add_argument("--on-invalid", choices=["error", "skip"], default="error",
-                   help="stop at the first bad row (default) or write bad rows to a rejects file")
+    c.add_argument("--on-invalid", choices=["error", "skip"],
+                   help="stop at the first bad row (default) or write bad rows to a rejects file "
+                        "(exam-xlsx defaults to skip: spreadsheets keep only rows whose questions and answers match)")
     c.add_argument("--rejects", help="rejects file (default: OUT stem + .rejects.jsonl)")
     c.set_defaults(func=cmd_convert)
 

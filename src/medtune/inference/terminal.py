@@ -108,9 +108,10 @@ class TerminalChat:
             self.say("(/compare needs a model with an adapter: start with --run or --adapter)")
             return
         if not text:
-            self.say("(usage: /compare 问题 — in exam mode, /compare then paste the question)")
             if not self.exam:
+                self.say("(usage: /compare 问题)")
                 return
+            self.say("(paste the question and options; base and tuned model will both answer)")
             text = self.read_message() or ""
         self.respond(text, self.base, "基座 base")
         self.respond(text, self.backend, "微调 tuned")
