@@ -39,7 +39,7 @@ def main() -> None:
     qs = records[: args.questions]
 
     # warm-up, not timed: first calls pay one-off costs
-    evaluate_loglik(qs[:16], model, tokenizer, template, work / "warm", batch_size=args.batch_size)
+    evaluate_loglik(qs[:16], HFBackend(model, tokenizer), tokenizer, template, work / "warm", batch_size=args.batch_size)
 
     start = time.perf_counter()
     predict(qs, HFBackend(model, tokenizer), template, work / "pred.jsonl",
@@ -49,7 +49,7 @@ def main() -> None:
     gen = len(qs) / (time.perf_counter() - start)
 
     start = time.perf_counter()
-    evaluate_loglik(qs, model, tokenizer, template, work / "eval-ll", batch_size=args.batch_size)
+    evaluate_loglik(qs, HFBackend(model, tokenizer), tokenizer, template, work / "eval-ll", batch_size=args.batch_size)
     ll = len(qs) / (time.perf_counter() - start)
 
     print(f"{len(qs)} questions, batch {args.batch_size}, tiny model")

@@ -84,3 +84,20 @@ def test_pick_raw_and_length_normalised():
     assert p["parsed"] == "A"  # -2 > -3
     assert p["parsed_norm"] == "B"  # -2/1 < -3/4
     assert p["option_scores_norm"] == {"A": -2.0, "B": -0.75}
+
+
+def test_evaluate_loglik_with_the_fake_backend(tmp_path, tiny_tokenizer):
+    """The scoring path is backend-agnostic: the fake backend's scores decide the picks."""
+    import json
+
+    from medtune.evaluation.evaluate import evaluate_loglik
+    from medtune.inference.base import FakeBackend
+
+    rec = ExamRecord("q1", "问题", {"A": "甲", "B": "乙"}, "A").validate()
+    res = evaluate_loglik([rec], FakeBackend(), tiny_tokenizer, get_template("qa"), tmp_path)
+    # fake score = -len - 0.1·sum(ids): the letter with the smaller token id wins
+    ids = {c: tiny_tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in "AB"}
+    expected = min(ids, key=ids.get)
+    row = json.loads((tmp_path / "scored.jsonl").read_text())
+    assert row["parsed"] == expected and res["accuracy"] == (100.0 if expected == "A" else 0.0)
+    assert row["option_scores"] == pytest.approx({c: -1 - 0.1 * i for c, i in ids.items()})

@@ -188,7 +188,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.limit:
             records = records[: args.limit]
         loaded = _load(args, "evaluate")
-        evaluate_loglik(records, loaded.backend.model, loaded.backend.tokenizer, loaded.template, args.out,
+        evaluate_loglik(records, loaded.backend, loaded.backend.tokenizer, loaded.template, args.out,
                         choices=args.choices, batch_size=args.batch_size, source=str(args.data))
     print(results_table([load_eval(args.out)], paper=False))
     print(f"results: {Path(args.out) / 'results.json'}")

@@ -64,9 +64,8 @@ def run_sweep(
     from medtune.evaluation.compare import compare_runs
     from medtune.evaluation.evaluate import evaluate, evaluate_loglik
     from medtune.inference.base import GenerationParams
-    from medtune.inference.hf import HFBackend
-    from medtune.inference.predict import predict, resolve_run
-    from medtune.models import load_for_inference
+    from medtune.inference.loading import load_backend
+    from medtune.inference.predict import predict
     from medtune.report.markdown import write_report
     from medtune.train import sft
 
@@ -85,16 +84,14 @@ def run_sweep(
         if not (eval_dir / "results.json").exists():
             print(f"[{i}/{len(combos)}] {combo.label}")
             run_dir = sft.run(configs[combo.slug])
-            art = resolve_run(run_dir)
-            model, tokenizer = load_for_inference(art.model_path, art.adapter_path, dtype=art.dtype,
-                                                  trust_remote_code=art.trust_remote_code)
+            loaded = load_backend(run=str(run_dir))
             if mode == "loglik":
-                evaluate_loglik(records, model, tokenizer, art.template, eval_dir, batch_size=batch_size,
-                                source=str(eval_data))
+                evaluate_loglik(records, loaded.backend, loaded.backend.tokenizer, loaded.template, eval_dir,
+                                batch_size=batch_size, source=str(eval_data))
             else:
                 pred = out / combo.slug / "predictions.jsonl"
-                predict(records, HFBackend(model, tokenizer), art.template, pred,
-                        GenerationParams(max_new_tokens=max_new_tokens), batch_size=batch_size, tokenizer=tokenizer)
+                predict(records, loaded.backend, loaded.template, pred, GenerationParams(max_new_tokens=max_new_tokens),
+                        batch_size=batch_size, tokenizer=loaded.backend.tokenizer)
                 evaluate(pred, eval_dir)
             status = "done"
         else:

@@ -130,7 +130,7 @@ def write_outputs(out_dir: str | Path, results: dict[str, Any], scored: list[dic
 
 def evaluate_loglik(
     records: list[ExamRecord],
-    model: Any,
+    backend: Any,
     tokenizer: Any,
     template: ExamTemplate,
     out_dir: str | Path,
@@ -138,12 +138,14 @@ def evaluate_loglik(
     batch_size: int = 16,
     source: str = "",
 ) -> dict[str, Any]:
-    """Log-likelihood evaluation (no generation); same output files as ``evaluate``."""
+    """Log-likelihood evaluation (no generation); same output files as ``evaluate``.
+
+    ``backend`` is any backend with ``loglikelihood`` (transformers, vLLM, the fake one).
+    """
     from medtune.evaluation.loglik import MULTI_METHOD, build_requests, pick
-    from medtune.inference.hf import continuation_logprobs
 
     requests, cand_lists = build_requests(records, template, tokenizer, choices)
-    scores = continuation_logprobs(model, requests, tokenizer.pad_token_id, batch_size=batch_size)
+    scores = backend.loglikelihood(requests, batch_size=batch_size)
     picks = pick(records, cand_lists, scores, choices)
     scored = [
         {**rec.to_dict(), "template": template.name, **p, "correct": p["parsed"] == rec.answer,

@@ -36,6 +36,10 @@ class Backend(Protocol):
         """Number of tokens ``text`` encodes to (usage accounting, length limits)."""
         ...
 
+    def loglikelihood(self, requests: list[tuple[list[int], list[list[int]]]], batch_size: int = 16) -> list[list[float]]:
+        """Summed log-probability of each continuation given its context (token ids)."""
+        ...
+
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     """``text`` up to the earliest stop string, and whether one was found."""
@@ -101,3 +105,7 @@ class FakeBackend:
     def count_tokens(self, text: str, add_special_tokens: bool = False) -> int:
         """One token per character."""
         return len(text)
+
+    def loglikelihood(self, requests: list[tuple[list[int], list[list[int]]]], batch_size: int = 16) -> list[list[float]]:
+        """A fixed, checkable score: minus the continuation's length, minus 0.1 per token id unit."""
+        return [[-float(len(c)) - 0.1 * sum(c) for c in conts] for _, conts in requests]

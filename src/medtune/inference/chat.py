@@ -86,17 +86,15 @@ def answer_exam(
 
 
 def option_scores(backend: Any, template: ExamTemplate, question: str, options: dict[str, str]) -> dict[str, float] | None:
-    """Probability of each option letter after the template's answer cue (transformers backend only)."""
+    """Probability of each option letter after the template's answer cue (None if the backend can't score)."""
     import math
 
-    if not hasattr(backend, "model"):
+    if not hasattr(backend, "loglikelihood") or getattr(backend, "tokenizer", None) is None:
         return None
     from medtune.evaluation.loglik import build_requests
-    from medtune.inference.hf import continuation_logprobs
 
     record = ExamRecord(id="interactive", question=question, options=options, answer="A")
     requests, (cands,) = build_requests([record], template, backend.tokenizer)
-    with backend.adapter_context():
-        (scores,) = continuation_logprobs(backend.model, requests, backend.tokenizer.pad_token_id)
+    (scores,) = backend.loglikelihood(requests)
     total = sum(math.exp(s) for s in scores)
     return {c: math.exp(s) / total for c, s in zip(cands, scores, strict=True)}

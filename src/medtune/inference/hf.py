@@ -121,6 +121,11 @@ class HFBackend:
         if errors:
             raise errors[0]
 
+    def loglikelihood(self, requests: list[tuple[list[int], list[list[int]]]], batch_size: int = 16) -> list[list[float]]:
+        """Summed log-probabilities of continuations (see ``continuation_logprobs``)."""
+        with self.adapter_context():
+            return continuation_logprobs(self.model, requests, self.tokenizer.pad_token_id, batch_size=batch_size)
+
     def count_tokens(self, text: str, add_special_tokens: bool = False) -> int:
         """Token count with this model's tokenizer."""
         with self._tokenizer_lock:

@@ -68,6 +68,18 @@ class VLLMBackend:
         """The offline engine has no token stream; the whole answer is yielded at once."""
         yield self.generate([prompt], params, add_special_tokens)[0]
 
+    def loglikelihood(self, requests: list[tuple[list[int], list[list[int]]]], batch_size: int = 16) -> list[list[float]]:
+        """Scores from vLLM's prompt log-probabilities of ``context + continuation``."""
+        flat = [(i, ctx + cont, len(cont)) for i, (ctx, conts) in enumerate(requests) for cont in conts]
+        sampling = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
+        outs = self.llm.generate([{"prompt_token_ids": ids} for _, ids, _ in flat], sampling,
+                                 lora_request=self._lora, use_tqdm=False)
+        scores: list[list[float]] = [[] for _ in requests]
+        for (i, ids, n), out in zip(flat, outs, strict=True):
+            # prompt_logprobs[t] maps token ids to logprobs at position t (None at position 0)
+            scores[i].append(sum(out.prompt_logprobs[t][ids[t]].logprob for t in range(len(ids) - n, len(ids))))
+        return scores
+
     def count_tokens(self, text: str, add_special_tokens: bool = False) -> int:
         """Token count with the engine's tokenizer."""
         return len(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
