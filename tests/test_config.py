@@ -138,10 +138,10 @@ def test_wrong_type_in_yaml(tmp_path):
 @pytest.mark.parametrize(
     ("override", "match"),
     [
-        ("adapter.method=foo", r"^adapter\.method: expected one of \['lora', 'adalora', 'full'\], got 'foo'"),
+        ("adapter.method=foo", r"^adapter\.method: expected one of \['lora', 'adalora', 'full', 'qlora', 'prefix', 'prompt'\], got 'foo'"),
         ("model.dtype=fp8", r"^model\.dtype: expected one of"),
         ("data.on_invalid=ignore", r"^data\.on_invalid: expected one of \['error', 'skip'\]"),
-        ("stage=dpo", r"^stage: expected one of \['sft'\]"),
+        ("stage=ppo", r"^stage: expected one of \['pt', 'sft', 'rm', 'dpo', 'rl'\]"),
         ("val_fraction=1.0", r"^data\.val_fraction: expected 0 <= x < 1"),
         ("learning_rate=0", r"^train\.learning_rate: must be > 0"),
         ("adapter.r=0", r"^adapter\.r: must be > 0"),

@@ -25,7 +25,10 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Which base model to load and how."""
 
-    name_or_path: str = ""  # local folder or hub id of any causal LM
+    name_or_path: str = ""  # local folder or hub id of any causal LM, or a previous run directory
+    # When name_or_path is a run directory with an adapter: merge it into the base weights before
+    # adding this stage's adapter (merge), or keep training on top of it as a second adapter (stack).
+    previous_adapter: str = "merge"
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     trust_remote_code: bool = False  # only when you trust the model repository's code
     attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2
@@ -49,7 +52,7 @@ class DataConfig:
 class AdapterConfig:
     """Parameter-efficient method and its knobs."""
 
-    method: str = "lora"  # lora | adalora | full
+    method: str = "lora"  # lora | adalora | full | qlora | prefix | prompt
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
@@ -61,6 +64,9 @@ class AdapterConfig:
     tinit: int | None = None
     tfinal: int | None = None
     delta_t: int = 1
+    # prefix (P-tuning v2) and prompt tuning: trainable virtual tokens (like ChatGLM's pre_seq_len)
+    num_virtual_tokens: int = 16
+    prefix_projection: bool = False  # P-tuning v2: reparameterise the prefix through an MLP
 
 
 @dataclass
@@ -87,6 +93,37 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     group_by_length: bool = False
+    early_stopping_patience: int | None = None  # stop after N evaluations without a better eval loss
+
+
+@dataclass
+class PTConfig:
+    """Continued pretraining."""
+
+    block_size: int = 512  # texts are concatenated and cut into blocks of this many tokens
+
+
+@dataclass
+class PreferenceConfig:
+    """Reward modelling and DPO."""
+
+    beta: float = 0.1  # DPO: strength of the pull towards the reference model
+    loss_type: str = "sigmoid"  # DPO loss: sigmoid (DPO) | ipo | hinge | robust | ... (TRL's DPOConfig)
+    max_prompt_length: int = 256
+
+
+@dataclass
+class RLConfig:
+    """Online RL (TRL's GRPO / RLOO)."""
+
+    algorithm: str = "grpo"  # grpo | rloo
+    reward: str = "exam"  # exam: 1 when the parsed answer equals the gold letters (+ format bonus); model
+    reward_model: str | None = None  # reward: model — a run directory of stage rm
+    format_bonus: float = 0.1  # exam reward: added when the output has the template's answer format
+    num_generations: int = 4  # completions sampled per prompt
+    max_completion_length: int = 64
+    temperature: float = 1.0
+    beta: float = 0.0  # KL penalty towards the reference model (0: none, TRL's default for GRPO)
 
 
 @dataclass
@@ -98,12 +135,20 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pt: PTConfig = field(default_factory=PTConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def validate(self) -> RunConfig:
         """Check values that types alone don't catch."""
-        _choice("stage", self.stage, ["sft"])
+        _choice("stage", self.stage, ["pt", "sft", "rm", "dpo", "rl"])
+        _choice("model.previous_adapter", self.model.previous_adapter, ["merge", "stack"])
+        _choice("rl.algorithm", self.rl.algorithm, ["grpo", "rloo"])
+        _choice("rl.reward", self.rl.reward, ["exam", "model"])
+        if self.rl.reward == "model" and self.stage == "rl" and not self.rl.reward_model:
+            raise ConfigError("rl.reward_model: required when rl.reward is model (a run directory of stage rm)")
         _choice("model.dtype", self.model.dtype, ["auto", "float32", "bfloat16", "float16"])
-        _choice("adapter.method", self.adapter.method, ["lora", "adalora", "full"])
+        _choice("adapter.method", self.adapter.method, ["lora", "adalora", "full", "qlora", "prefix", "prompt"])
         _choice("data.on_invalid", self.data.on_invalid, ["error", "skip"])
         _choice("data.conversation_format", self.data.conversation_format, ["plain", "chat"])
         if not self.model.name_or_path:
