@@ -102,10 +102,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune from a YAML recipe plus key=value overrides."""
     from medtune.config import load_config
-    from medtune.train import sft
+    from medtune.train import run
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = sft.run(cfg, resume=not args.no_resume)
+    run_dir = run(cfg, resume=not args.no_resume)
     print(f"run directory: {run_dir}")
     return 0
 
@@ -508,11 +508,12 @@ def main(argv: list[str] | None = None) -> int:
     from medtune.inference.vllm import BackendUnavailable
     from medtune.io import DataFileError
     from medtune.templates import TemplateError
+    from medtune.models import GPURequired
     from medtune.train.common import RunDirError
 
     try:
         return args.func(args)
-    except (ConfigError, DataFileError, TemplateError, RunDirError, BackendUnavailable, FileNotFoundError) as exc:
+    except (ConfigError, DataFileError, TemplateError, RunDirError, BackendUnavailable, GPURequired, FileNotFoundError) as exc:
         # Expected user errors: one clear line, no traceback.
         print(f"medtune {args.command}: error: {exc}", file=sys.stderr)
         return 2

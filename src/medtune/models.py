@@ -99,8 +99,14 @@ def load_for_inference(
     The tokenizer comes from the adapter folder when it has one (training saves it there), else
     from the base model.
     """
-    model = load_causal_lm(model_path, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
-    tok_source = model_path
+    chained = previous_run(model_path)  # a run trained on top of an earlier run's merged adapter
+    base = chained[0] if chained else model_path
+    model = load_causal_lm(base, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
+    tok_source = base
+    if chained and chained[1]:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, chained[1]).merge_and_unload()
     if adapter_path:
         from peft import PeftModel
 
@@ -187,3 +193,102 @@ def tokenizer_corpus(records: Iterable[Any]) -> list[str]:
 
     templates = [t for t in (get_template(n) for n in available()) if not t.chat]
     return [t.render_prompt(r) + t.render_target(r) for r in records for t in templates]
+
+
+class GPURequired(RuntimeError):
+    """A feature that needs a CUDA GPU was asked for on a machine without one."""
+
+
+def previous_run(name_or_path: str) -> tuple[str, str | None] | None:
+    """``(base model, adapter folder or None)`` when ``name_or_path`` is a medtune run directory.
+
+    Follows chains (a run trained on top of another run) down to the real base model.
+    """
+    import yaml
+
+    path = Path(name_or_path)
+    cfg_path = path / "config.yaml"
+    if not (path.is_dir() and cfg_path.exists()):
+        return None
+    with open(cfg_path, encoding="utf-8") as fh:
+        base = yaml.safe_load(fh)["model"]["name_or_path"]
+    if (path / "model").is_dir():  # full fine-tune: the run's own weights are the model
+        return str(path / "model"), None
+    if not (path / "adapter").is_dir():
+        raise FileNotFoundError(f"{path}: the run has not finished (no adapter/ or model/ folder)")
+    inner = previous_run(base)
+    if inner is not None and inner[1] is not None:
+        raise ValueError(f"{path} was trained on top of another adapter run; export it first "
+                         f"(medtune export {path} --out DIR) and start from the export")
+    return (inner[0] if inner else base), str(path / "adapter")
+
+
+def training_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer for training on ``name_or_path`` (a base model or a previous run directory)."""
+    chained = previous_run(name_or_path)
+    if chained is None:
+        return load_tokenizer(name_or_path, trust_remote_code)
+    base, adapter = chained
+    source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else base
+    return load_tokenizer(source, trust_remote_code)
+
+
+def load_for_training(
+    name_or_path: str,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    previous_adapter: str = "merge",
+    quantize_4bit: bool = False,
+    sequence_classification: bool = False,
+) -> tuple[Any, Any, bool]:
+    """Model and tokenizer to train, from a base model or a previous stage's run directory.
+
+    Returns ``(model, tokenizer, stacked)``; ``stacked`` is True when the previous run's adapter
+    is kept trainable (``previous_adapter="stack"``), so the caller must not add another one.
+    ``quantize_4bit`` loads NF4 weights with double quantisation (QLoRA; CUDA only).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    chained = previous_run(name_or_path)
+    base, adapter = chained if chained else (name_or_path, None)
+    tokenizer = training_tokenizer(name_or_path, trust_remote_code)
+    device = default_device()
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device), "trust_remote_code": trust_remote_code,
+                              "use_safetensors": _has_safetensors(base)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantize_4bit:
+        if not torch.cuda.is_available():
+            # Checked before any weights are read: bitsandbytes' CPU path is slow and unsupported.
+            raise GPURequired("QLoRA (adapter.method: qlora) needs a CUDA GPU; none is visible. "
+                              "Use adapter.method: lora on this machine.")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=kwargs["dtype"] if kwargs["dtype"] != torch.float32 else torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    cls = AutoModelForSequenceClassification if sequence_classification else AutoModelForCausalLM
+    if sequence_classification:
+        kwargs["num_labels"] = 1
+    model = cls.from_pretrained(base, **kwargs)
+    if sequence_classification and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # reward models read the last non-pad token
+    if not quantize_4bit:
+        model = model.to(device)
+    stacked = False
+    if adapter:
+        from peft import PeftModel
+
+        if previous_adapter == "stack":
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+            stacked = True
+        else:
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if quantize_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+    return model, tokenizer, stacked

@@ -40,7 +40,14 @@ def resolve_run(run_dir: str | Path) -> RunArtifacts:
     template = load_template_file(run_dir / "template.yaml")
     model = cfg["model"]
     if (run_dir / "adapter").is_dir():
-        return RunArtifacts(model["name_or_path"], str(run_dir / "adapter"), template,
+        base = model["name_or_path"]
+        if model.get("previous_adapter") == "stack":
+            # the adapter saved here *is* the earlier run's adapter, trained further
+            from medtune.models import previous_run
+
+            chained = previous_run(base)
+            base = chained[0] if chained else base
+        return RunArtifacts(base, str(run_dir / "adapter"), template,
                             model.get("trust_remote_code", False), model.get("dtype", "auto"))
     if (run_dir / "model").is_dir():
         return RunArtifacts(str(run_dir / "model"), None, template,

@@ -24,7 +24,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     from medtune.data.conversations import build_conversation_examples
     from medtune.data.exam import detect_kind, load_conversations, load_exam_file, split_records
     from medtune.data.sft import IGNORE_INDEX, build_sft_examples
-    from medtune.models import load_causal_lm, load_tokenizer
+    from medtune.models import load_for_training, training_tokenizer
     from medtune.templates import conversation_template, get_template
 
     # ---- run directory: create, or find the checkpoint to resume from -------------------------
@@ -32,7 +32,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     torch.manual_seed(cfg.train.seed)
 
     # ---- data: records → template → tokenised, prompt-masked examples ---------------------------
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    tokenizer = training_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     if detect_kind(cfg.data.train) == "exam":
         template = get_template(cfg.data.template)
         load = load_exam_file
@@ -59,11 +59,13 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         raise ValueError(f"{cfg.data.train}: no training examples left ({train_build.summary()})")
 
     # ---- model + PEFT -----------------------------------------------------------------------------
-    model = load_causal_lm(
+    model, _, stacked = load_for_training(
         cfg.model.name_or_path,
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
         attn_implementation=cfg.model.attn_implementation,
+        previous_adapter=cfg.model.previous_adapter,
+        quantize_4bit=cfg.adapter.method == "qlora",
     )
     world_size = int(__import__("os").environ.get("WORLD_SIZE", "1"))
     total_steps = total_optimizer_steps(
@@ -74,7 +76,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         cfg.train.max_steps,
         world_size,
     )
-    peft_config = peft_config_for(cfg.adapter, model.config.model_type, total_steps)
+    peft_config = None if stacked else peft_config_for(cfg.adapter, model.config.model_type, total_steps)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
 
@@ -150,7 +152,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
 
     # ---- save: adapter (or full model) + tokenizer + trainer state ----------------------------------
     if trainer.is_world_process_zero():
-        out = run_dir / ("model" if peft_config is None else "adapter")
+        out = run_dir / ("adapter" if (peft_config is not None or stacked) else "model")
         trainer.save_model(str(out))
         tokenizer.save_pretrained(str(out))
         trainer.save_state()
