@@ -507,8 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     from medtune.config import ConfigError
     from medtune.inference.vllm import BackendUnavailable
     from medtune.io import DataFileError
-    from medtune.templates import TemplateError
     from medtune.models import GPURequired
+    from medtune.templates import TemplateError
     from medtune.train.common import RunDirError
 
     try:
