@@ -67,3 +67,28 @@ def test_validation_loss_each_epoch_and_grad_accumulation(tmp_path, tiny_model_d
     assert json.loads((run_dir / "trainer_state.json").read_text())["global_step"] == 8
     final = json.loads((run_dir / "train_results.json").read_text())
     assert final["global_step"] == 8 and "eval_loss" in final
+
+
+def test_early_stop_on_eval_loss_callback():
+    from types import SimpleNamespace
+
+    from medtune.train.common import EarlyStopOnEvalLoss
+
+    cb = EarlyStopOnEvalLoss(patience=2)
+    control = SimpleNamespace(should_training_stop=False)
+    for loss, stop in [(3.0, False), (2.0, False), (2.5, False), (2.1, True)]:
+        cb.on_evaluate(None, None, control, metrics={"eval_loss": loss})
+        assert control.should_training_stop is stop
+
+
+def test_early_stopping_stops_a_run(tmp_path, tiny_model_dir, records_file):
+    from medtune.train import sft
+
+    cfg = load_config(None, [
+        f"model.name_or_path={tiny_model_dir}", f"data.train={records_file(12)}", f"train.output_dir={tmp_path / 'r'}",
+        "data.val_fraction=0.25", "train.epochs=30", "train.batch_size=3", "train.learning_rate=0.5",
+        "train.early_stopping_patience=1", "train.report_to=none", "data.max_length=256",
+    ])
+    run_dir = sft.run(cfg)  # a learning rate this high makes the validation loss get worse
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    assert state["global_step"] < 30 * 3

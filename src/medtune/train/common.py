@@ -166,3 +166,30 @@ def tensorboard_callback(run_dir: Path) -> Any:
 def save_json(path: Path, obj: Any) -> None:
     """Atomic JSON write (alias kept short for stage scripts)."""
     atomic_write_json(path, obj)
+
+
+class EarlyStopOnEvalLoss(TrainerCallback):
+    """Stop training after ``patience`` evaluations without a lower validation loss.
+
+    transformers' ``EarlyStoppingCallback`` needs ``load_best_model_at_end``, which forces
+    checkpoints onto the evaluation schedule (every epoch); we keep step checkpoints for resuming,
+    so this callback only watches ``eval_loss`` and asks the trainer to stop.
+    """
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best: float | None = None
+        self.bad = 0
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
+        """Count evaluations that did not improve on the best loss so far."""
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None:
+            return
+        if self.best is None or loss < self.best:
+            self.best, self.bad = loss, 0
+        else:
+            self.bad += 1
+            if self.bad >= self.patience:
+                log.info("early stopping: eval_loss has not improved for %d evaluations", self.bad)
+                control.should_training_stop = True

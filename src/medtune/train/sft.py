@@ -117,6 +117,8 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         callbacks.append(common.tensorboard_callback(run_dir))
     if cfg.adapter.method == "adalora":
         callbacks.append(AdaLoraRankCallback())
+    if cfg.train.early_stopping_patience and has_val:
+        callbacks.append(common.EarlyStopOnEvalLoss(cfg.train.early_stopping_patience))
     trainer = Trainer(
         model=model,
         args=args,
