@@ -1,7 +1,35 @@
 """Parameter-efficient methods: one small spec per method → a peft config; AdaLoRA's rank schedule.
 
-The base model's weights are never modified by lora/adalora training; the adapter is saved on its
-own and merged only by an explicit export.
+The base model's weights are never modified by adapter training; the adapter is saved on its own
+and merged only by an explicit export (``medtune export``).
+
+Which method works with which architecture
+------------------------------------------
+
+"Measured" means exercised by ``tests/test_methods.py`` on the tiny Llama model (CPU, fp32,
+transformers 5 / peft 0.21); everything else is what the peft and model documentation state and
+has *not* been run here.
+
+============  ====================================  ==================================================
+method        measured (tiny Llama, GQA 4q/2kv)      other architectures (from docs, not measured)
+============  ====================================  ==================================================
+lora          trains, merges, exports               any model with the ``TARGET_MODULES`` names
+                                                    (Qwen2/3, Mistral, InternLM2, ChatGLM, GLM-4,
+                                                    Baichuan's fused ``W_pack``) or ``all-linear``
+adalora       trains, ranks move, merges            as lora
+qlora         CPU: refused before loading weights   as lora, on CUDA with bitsandbytes (4-bit NF4)
+prompt        trains, generates (batched, cached)    any decoder: only the input embeddings are used
+prefix        trains, generates; needs              needs the model to accept ``past_key_values`` as
+              gradient_checkpointing off            a transformers ``Cache``; peft sizes the prefix by
+                                                    ``num_key_value_heads`` (GQA). ChatGLM-6B/GLM
+                                                    remote code ships its own P-tuning v2
+                                                    (``pre_seq_len``), which peft does not drive;
+                                                    Baichuan remote code expects tuple caches
+full          trains (no adapter)                   any
+============  ====================================  ==================================================
+
+prefix and prompt adapters add virtual tokens instead of a weight delta, so they cannot be merged
+into the base weights: export them with ``--adapter-only``.
 """
 
 from __future__ import annotations
@@ -12,7 +40,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from medtune.config import AdapterConfig
+from medtune.config import AdapterConfig, ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +69,82 @@ def target_modules_for(model_type: str, override: list[str] | str | None = None)
     return "all-linear"
 
 
-def peft_config_for(spec: AdapterConfig, model_type: str, total_steps: int | None = None) -> Any:
-    """Build the peft config for ``spec``; ``None`` for full fine-tuning."""
-    from peft import AdaLoraConfig, LoraConfig, TaskType
+# Methods whose adapter is a weight delta that ``merge_and_unload`` can fold into the base weights.
+MERGEABLE_METHODS = ("lora", "adalora", "qlora")
+# peft types (adapter_config.json ``peft_type``) that add virtual tokens and so cannot be merged.
+VIRTUAL_TOKEN_PEFT_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
 
-    targets = target_modules_for(model_type, spec.target_modules)
+
+def peft_config_for(
+    spec: AdapterConfig,
+    model_type: str,
+    total_steps: int | None = None,
+    *,
+    hidden_size: int | None = None,
+    prompt_init_text: str | None = None,
+    tokenizer_name_or_path: str | None = None,
+) -> Any:
+    """Build the peft config for ``spec``; ``None`` for full fine-tuning.
+
+    Args:
+        spec: The run's adapter section.
+        model_type: ``config.model_type`` of the base model (picks the LoRA targets).
+        total_steps: Optimiser steps of the run (AdaLoRA's schedule needs them).
+        hidden_size: The model's hidden size. With ``prefix_projection`` it becomes the width of
+            the prefix MLP, as in ChatGLM's P-tuning v2 encoder; when ``None`` peft uses the KV
+            width (``num_key_value_heads * head_dim``), which is narrower for GQA models.
+        prompt_init_text: Prompt tuning only: initialise the virtual tokens from the embeddings
+            of this text (e.g. ``"请回答下面的医学考试题"``) instead of at random; an init close to
+            real token embeddings usually converges faster than random soft tokens.
+        tokenizer_name_or_path: The tokenizer that splits ``prompt_init_text`` (required with it).
+
+    Returns:
+        A peft ``PeftConfig``, or ``None`` for ``method: full``.
+
+    Raises:
+        ValueError: Unknown method, or missing inputs the method needs.
+    """
+    from peft import AdaLoraConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+
     if spec.method == "full":
         return None
-    if spec.method == "lora":
+    if spec.method in ("prefix", "prompt"):
+        if spec.num_virtual_tokens <= 0:
+            raise ValueError(f"adapter.num_virtual_tokens must be > 0, got {spec.num_virtual_tokens}")
+        if spec.method == "prefix":
+            # P-tuning v2: trainable key/value prefixes in every layer. peft derives num_layers and
+            # the (GQA-aware) KV width from the model config when get_peft_model runs.
+            kwargs: dict[str, Any] = {}
+            if spec.prefix_projection and hidden_size:
+                kwargs["encoder_hidden_size"] = hidden_size
+            return PrefixTuningConfig(
+                task_type=TaskType.CAUSAL_LM,
+                num_virtual_tokens=spec.num_virtual_tokens,
+                prefix_projection=spec.prefix_projection,
+                **kwargs,
+            )
+        if prompt_init_text:
+            if not tokenizer_name_or_path:
+                raise ValueError("prompt_init_text needs tokenizer_name_or_path to split it into tokens")
+            return PromptTuningConfig(
+                task_type=TaskType.CAUSAL_LM,
+                num_virtual_tokens=spec.num_virtual_tokens,
+                prompt_tuning_init="TEXT",
+                prompt_tuning_init_text=prompt_init_text,
+                tokenizer_name_or_path=tokenizer_name_or_path,
+            )
+        # Random soft tokens: no tokenizer needed, and the tiny/test models have no meaningful
+        # embeddings to start from anyway.
+        return PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=spec.num_virtual_tokens,
+            prompt_tuning_init="RANDOM",
+        )
+
+    targets = target_modules_for(model_type, spec.target_modules)
+    if spec.method in ("lora", "qlora"):
+        # QLoRA is plain LoRA on top of 4-bit base weights; the quantised loading lives in
+        # models.load_for_training, so the adapter config is the same.
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM,
             r=spec.r,
@@ -73,6 +169,61 @@ def peft_config_for(spec: AdapterConfig, model_type: str, total_steps: int | Non
             target_modules=targets,
         )
     raise ValueError(f"unknown adapter method {spec.method!r}")
+
+
+def check_method_compatibility(spec: AdapterConfig, train: TrainConfig) -> None:
+    """Refuse method/training combinations known to fail, before any data or weights are loaded.
+
+    Call this first thing in a training stage: the errors it raises are cheaper than a crash
+    minutes into loading a 7B model.
+
+    Args:
+        spec: The run's adapter section.
+        train: The run's train section.
+
+    Raises:
+        ConfigError: ``prefix`` with ``train.gradient_checkpointing`` (a ``ValueError``, so the
+            CLI prints it as one line and exits with code 2).
+        medtune.models.GPURequired: ``qlora`` on a machine without a CUDA GPU.
+    """
+    if spec.method == "prefix" and train.gradient_checkpointing:
+        # Gradient checkpointing makes the decoder layers drop past_key_values ("Caching is
+        # incompatible with gradient checkpointing ... Setting past_key_values=None"), which is
+        # exactly where prefix tuning puts its virtual key/values; the attention mask still counts
+        # them, so attention fails with a size mismatch of num_virtual_tokens (STACK.md section 3).
+        raise ConfigError(
+            "adapter.method=prefix does not work with train.gradient_checkpointing=true: checkpointed "
+            "layers drop past_key_values, where prefix tuning stores its virtual key/values. "
+            "Set train.gradient_checkpointing=false (or use adapter.method=prompt or lora)."
+        )
+    if spec.method == "qlora":
+        import torch
+
+        from medtune.models import GPURequired
+
+        if not torch.cuda.is_available():
+            raise GPURequired("QLoRA (adapter.method: qlora) needs a CUDA GPU; none is visible. "
+                              "Use adapter.method: lora on this machine.")
+
+
+def trainable_parameter_counts(model: Any) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts of ``model`` (a peft model or a plain one).
+
+    bitsandbytes' ``Params4bit`` packs two 4-bit values per byte of its storage dtype, so its
+    ``numel()`` under-counts; it is scaled back the way ``PeftModel.get_nb_trainable_parameters``
+    does, so QLoRA totals are the real parameter count.
+    """
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if n == 0 and hasattr(param, "ds_numel"):  # DeepSpeed ZeRO-3 shards leave empty tensors
+            n = param.ds_numel
+        if param.__class__.__name__ == "Params4bit":
+            n *= 2 * (param.element_size() if hasattr(param, "element_size") else 1)
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
 
 
 def adalora_schedule(spec: AdapterConfig, total_steps: int) -> tuple[int, int]:

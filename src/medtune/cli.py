@@ -296,6 +296,19 @@ def cmd_webui(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- export -----------------------------------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    """Merge a run's adapter into its base model (safetensors + tokenizer + template), or copy it."""
+    from medtune.export import ExportError, export_run
+
+    try:
+        out = export_run(args.run_dir, args.out, adapter_only=args.adapter_only, overwrite=args.overwrite)
+    except ExportError as exc:
+        raise SystemExit(f"export: {exc}") from None
+    print(f"exported to {out}")
+    return 0
+
+
 # ---- init-tiny-model -----------------------------------------------------------------------------------
 def cmd_init_tiny_model(args: argparse.Namespace) -> int:
     """Build the random-weight tiny model used by tests and the quickstart."""
@@ -478,6 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--port", type=int, default=7860)
     w.add_argument("--max-new-tokens", type=int, default=256)
     w.set_defaults(func=cmd_webui)
+
+    ex = sub.add_parser("export", help="merge a run's adapter into its base model, or copy the adapter")
+    ex.add_argument("run_dir")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--adapter-only", action="store_true", help="copy the adapter (+ tokenizer, template)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    ex.set_defaults(func=cmd_export)
 
     i = sub.add_parser("init-tiny-model", help="build a tiny random-weight model + tokenizer locally")
     i.add_argument("out_dir")

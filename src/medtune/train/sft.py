@@ -20,12 +20,20 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from medtune.adapters import AdaLoraRankCallback, peft_config_for, total_optimizer_steps
+    from medtune.adapters import (
+        AdaLoraRankCallback,
+        check_method_compatibility,
+        peft_config_for,
+        total_optimizer_steps,
+    )
     from medtune.data.conversations import build_conversation_examples
     from medtune.data.exam import detect_kind, load_conversations, load_exam_file, split_records
     from medtune.data.sft import IGNORE_INDEX, build_sft_examples
     from medtune.models import load_for_training, training_tokenizer
     from medtune.templates import conversation_template, get_template
+
+    # ---- checks that must fail before anything is loaded (e.g. QLoRA without a GPU) -----------
+    check_method_compatibility(cfg.adapter, cfg.train)
 
     # ---- run directory: create, or find the checkpoint to resume from -------------------------
     run_dir, checkpoint = common.prepare_run_dir(cfg, resume=resume)
@@ -76,7 +84,8 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         cfg.train.max_steps,
         world_size,
     )
-    peft_config = None if stacked else peft_config_for(cfg.adapter, model.config.model_type, total_steps)
+    peft_config = None if stacked else peft_config_for(cfg.adapter, model.config.model_type, total_steps,
+                                                       hidden_size=model.config.hidden_size)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
 
