@@ -100,7 +100,13 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 # ---- train -----------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    """Fine-tune from a YAML recipe plus key=value overrides."""
+    """Fine-tune from a YAML recipe plus key=value overrides (in several processes with --nproc)."""
+    if args.nproc > 1 or args.accelerate_config:
+        from medtune.launch import run_distributed
+
+        extra = ["--no-resume"] if args.no_resume else []
+        return run_distributed(args.config, args.overrides, args.nproc, args.accelerate_config,
+                               extra_train_args=extra)
     from medtune.config import load_config
     from medtune.train import run
 
@@ -401,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML recipe, e.g. src/medtune/configs/quickstart.yaml")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.learning_rate=1e-4")
     t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes; > 1 launches torchrun (or accelerate with --accelerate-config)")
+    t.add_argument("--accelerate-config",
+                   help="accelerate config, e.g. src/medtune/configs/accelerate/deepspeed_zero3.yaml")
     t.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("predict", help="batched greedy generation, appended as it goes")

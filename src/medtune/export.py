@@ -141,7 +141,8 @@ def _save_merged(art: Any, out: Path, dtype: str | None) -> str:
 
     # float32 on CPU: merging W + BA in bf16 would round twice, and an export should not need a GPU.
     model, tokenizer = load_for_inference(art.model_path, art.adapter_path, dtype="float32",
-                                          trust_remote_code=art.trust_remote_code, device="cpu")
+                                          trust_remote_code=art.trust_remote_code, device="cpu",
+                                          merge_first=art.merge_first)
     if art.adapter_path is not None:
         model = model.merge_and_unload()
     target = resolve_dtype(dtype, torch.device("cpu")) if dtype else _native_dtype(model)
@@ -169,9 +170,7 @@ def _config_dtype(config: Any) -> Any:
 
 def _export_info(run_dir: Path, art: Any, run_cfg: dict[str, Any], peft_type: str | None,
                  adapter_only: bool, saved_dtype: str | None) -> dict[str, Any]:
-    from medtune.models import previous_run
 
-    chained = previous_run(art.model_path)
     try:
         from importlib.metadata import version
 
@@ -181,10 +180,10 @@ def _export_info(run_dir: Path, art: Any, run_cfg: dict[str, Any], peft_type: st
     return {
         "format": "adapter" if adapter_only else "merged",
         "run_dir": str(run_dir.resolve()),
-        "base_model": chained[0] if chained else art.model_path,
+        "base_model": art.model_path,
         # A run trained on top of an earlier run's adapter: that adapter was merged into the base
         # before this run's adapter was trained, so an adapter-only export needs it merged first.
-        "previous_adapter": chained[1] if chained else None,
+        "previous_adapters": art.merge_first,
         "adapter": art.adapter_path,
         "method": run_cfg.get("adapter", {}).get("method"),
         "peft_type": peft_type,

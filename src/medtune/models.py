@@ -93,20 +93,20 @@ def load_for_inference(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     device: torch.device | str | None = None,
+    merge_first: list[str] | tuple[str, ...] = (),
 ) -> tuple[Any, Any]:
     """Base model (+ optional peft adapter) and tokenizer, in eval mode.
 
-    The tokenizer comes from the adapter folder when it has one (training saves it there), else
-    from the base model.
+    ``merge_first`` are earlier stages' adapters merged into the weights before ``adapter_path``
+    is applied (unmerged, so it can be switched off for base-vs-tuned comparisons). The tokenizer
+    comes from the adapter folder when it has one (training saves it there), else from the base.
     """
-    chained = previous_run(model_path)  # a run trained on top of an earlier run's merged adapter
-    base = chained[0] if chained else model_path
+    chained = previous_run(model_path)  # a run directory given as the model: rebuild it
+    base, merged = chained if chained else (model_path, [])
+    merged = [*merged, *merge_first]
     model = load_causal_lm(base, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
     tok_source = base
-    if chained and chained[1]:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, chained[1]).merge_and_unload()
+    model = merge_adapters(model, merged)
     if adapter_path:
         from peft import PeftModel
 
@@ -199,10 +199,13 @@ class GPURequired(RuntimeError):
     """A feature that needs a CUDA GPU was asked for on a machine without one."""
 
 
-def previous_run(name_or_path: str) -> tuple[str, str | None] | None:
-    """``(base model, adapter folder or None)`` when ``name_or_path`` is a medtune run directory.
+def previous_run(name_or_path: str) -> tuple[str, list[str]] | None:
+    """``(base model, [adapter folders])`` when ``name_or_path`` is a medtune run directory.
 
-    Follows chains (a run trained on top of another run) down to the real base model.
+    Follows chains (a run trained on top of another run) down to the real base model. The
+    adapters are in training order; applying them one after another (each merged) rebuilds the
+    run's model. A run that kept training the previous run's adapter (``previous_adapter: stack``)
+    replaces that adapter in the chain instead of adding one.
     """
     import yaml
 
@@ -211,16 +214,25 @@ def previous_run(name_or_path: str) -> tuple[str, str | None] | None:
     if not (path.is_dir() and cfg_path.exists()):
         return None
     with open(cfg_path, encoding="utf-8") as fh:
-        base = yaml.safe_load(fh)["model"]["name_or_path"]
+        model_cfg = yaml.safe_load(fh)["model"]
     if (path / "model").is_dir():  # full fine-tune: the run's own weights are the model
-        return str(path / "model"), None
+        return str(path / "model"), []
     if not (path / "adapter").is_dir():
         raise FileNotFoundError(f"{path}: the run has not finished (no adapter/ or model/ folder)")
-    inner = previous_run(base)
-    if inner is not None and inner[1] is not None:
-        raise ValueError(f"{path} was trained on top of another adapter run; export it first "
-                         f"(medtune export {path} --out DIR) and start from the export")
-    return (inner[0] if inner else base), str(path / "adapter")
+    inner = previous_run(model_cfg["name_or_path"])
+    base, earlier = inner if inner else (model_cfg["name_or_path"], [])
+    if earlier and model_cfg.get("previous_adapter") == "stack":
+        earlier = earlier[:-1]
+    return base, [*earlier, str(path / "adapter")]
+
+
+def merge_adapters(model: Any, adapters: list[str]) -> Any:
+    """Apply each adapter and merge it into the weights, in order."""
+    from peft import PeftModel
+
+    for adapter in adapters:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model
 
 
 def training_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
@@ -228,9 +240,9 @@ def training_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> An
     chained = previous_run(name_or_path)
     if chained is None:
         return load_tokenizer(name_or_path, trust_remote_code)
-    base, adapter = chained
-    source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else base
-    return load_tokenizer(source, trust_remote_code)
+    base, adapters = chained
+    with_tok = [a for a in adapters if (Path(a) / "tokenizer_config.json").exists()]
+    return load_tokenizer(with_tok[-1] if with_tok else base, trust_remote_code)
 
 
 def load_for_training(
@@ -251,7 +263,7 @@ def load_for_training(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     chained = previous_run(name_or_path)
-    base, adapter = chained if chained else (name_or_path, None)
+    base, adapters = chained if chained else (name_or_path, [])
     tokenizer = training_tokenizer(name_or_path, trust_remote_code)
     device = default_device()
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device), "trust_remote_code": trust_remote_code,
@@ -279,14 +291,15 @@ def load_for_training(
     if not quantize_4bit:
         model = model.to(device)
     stacked = False
-    if adapter:
+    if adapters:
         from peft import PeftModel
 
-        if previous_adapter == "stack":
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        if previous_adapter == "stack":  # keep training the last adapter; earlier ones are merged
+            model = merge_adapters(model, adapters[:-1])
+            model = PeftModel.from_pretrained(model, adapters[-1], is_trainable=True)
             stacked = True
         else:
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+            model = merge_adapters(model, adapters)
     if quantize_4bit:
         from peft import prepare_model_for_kbit_training
 

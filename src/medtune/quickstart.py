@@ -90,7 +90,7 @@ def run_quickstart(
     sets = {"seen": load_records(out / "train.jsonl"), "heldout": load_records(out / "heldout.jsonl")}
     eval_dirs: dict[str, Path] = {}
     for model_name, adapter in (("base", None), ("tuned", art.adapter_path)):
-        model, tokenizer = load_for_inference(art.model_path, adapter, dtype="float32")
+        model, tokenizer = load_for_inference(art.model_path, adapter, dtype="float32", merge_first=art.merge_first)
         backend = HFBackend(model, tokenizer)
         for set_name, records in sets.items():
             label = f"{model_name}-{set_name}"

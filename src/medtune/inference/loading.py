@@ -49,6 +49,7 @@ def load_backend(
             raise ValueError("a template conflicts with a run directory (the run's saved template is used)")
         art = resolve_run(run)
         model_path, adapter_path, tpl = art.model_path, art.adapter_path, art.template
+        merge_first = art.merge_first
         dtype, trust_remote_code = art.dtype, art.trust_remote_code
         name = Path(run).name
         if tpl.kind != kind:
@@ -56,17 +57,21 @@ def load_backend(
     else:
         tpl = (conversation_template(template or "plain") if kind == "conversation"
                else get_template(template or "qa"))
-        model_path, adapter_path = model, adapter
+        model_path, adapter_path, merge_first = model, adapter, []
         name = Path(model).name + (f"+{Path(adapter).name}" if adapter else "")
     if backend == "vllm":
         from medtune.inference.vllm import VLLMBackend
 
+        if merge_first:
+            raise ValueError("vLLM serves one adapter on a base model; export this chained run first "
+                             "(medtune export RUN --out DIR) and serve the export")
         engine = VLLMBackend(model_path, adapter_path, dtype=dtype, trust_remote_code=trust_remote_code)
     elif backend == "hf":
         from medtune.inference.hf import HFBackend
         from medtune.models import load_for_inference
 
-        m, tok = load_for_inference(model_path, adapter_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        m, tok = load_for_inference(model_path, adapter_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                    merge_first=merge_first)
         engine = HFBackend(m, tok)
     else:
         raise ValueError(f"unknown backend {backend!r}; expected hf or vllm")

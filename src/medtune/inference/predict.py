@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ class RunArtifacts:
     template: ExamTemplate | ConversationTemplate
     trust_remote_code: bool
     dtype: str
+    merge_first: list[str] = field(default_factory=list)  # earlier stages' adapters, merged in order
 
 
 def resolve_run(run_dir: str | Path) -> RunArtifacts:
@@ -39,19 +40,15 @@ def resolve_run(run_dir: str | Path) -> RunArtifacts:
         cfg = yaml.safe_load(fh)
     template = load_template_file(run_dir / "template.yaml")
     model = cfg["model"]
-    if (run_dir / "adapter").is_dir():
-        base = model["name_or_path"]
-        if model.get("previous_adapter") == "stack":
-            # the adapter saved here *is* the earlier run's adapter, trained further
-            from medtune.models import previous_run
-
-            chained = previous_run(base)
-            base = chained[0] if chained else base
-        return RunArtifacts(base, str(run_dir / "adapter"), template,
-                            model.get("trust_remote_code", False), model.get("dtype", "auto"))
+    trust, dtype = model.get("trust_remote_code", False), model.get("dtype", "auto")
     if (run_dir / "model").is_dir():
-        return RunArtifacts(str(run_dir / "model"), None, template,
-                            model.get("trust_remote_code", False), model.get("dtype", "auto"))
+        return RunArtifacts(str(run_dir / "model"), None, template, trust, dtype)
+    if (run_dir / "adapter").is_dir():
+        from medtune.models import previous_run
+
+        base, chain = previous_run(str(run_dir))
+        # the run's own adapter stays separate (switchable); earlier stages' are merged first
+        return RunArtifacts(base, chain[-1], template, trust, dtype, merge_first=chain[:-1])
     raise FileNotFoundError(f"{run_dir}: training has not finished (no adapter/ or model/ folder)")
 
 

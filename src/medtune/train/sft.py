@@ -120,6 +120,8 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
         report_to="none",  # TensorBoard is attached below with a fixed folder inside the run dir
         dataloader_pin_memory=False,
+        # every trainable parameter gets a gradient each step; without this DDP re-scans the graph
+        ddp_find_unused_parameters=False,
     )
     callbacks: list[Any] = [common.MetricsLogCallback(run_dir / "metrics.jsonl")]
     if "tensorboard" in cfg.train.report_to:

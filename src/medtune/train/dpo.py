@@ -1,0 +1,201 @@
+"""Direct preference optimisation: preference pairs → policy (+ reference) → TRL DPOTrainer → save.
+
+Loss types: ``preference.loss_type`` is one of ``DPO_LOSS_TYPES``, the list TRL 1.16's DPOTrainer
+implements (sigmoid = the original DPO, ipo, hinge, robust, ...). ORPO and SimPO are *not* DPO loss
+types in TRL 1.16: they live in ``trl.experimental`` as separate trainers (``ORPOTrainer``;
+``CPOTrainer`` with ``loss_type="simpo"``) with their own configs and no reference model. This stage
+does not wire them up; asking for ``orpo`` or ``simpo`` raises an error that says so.
+
+Reference model: with a PEFT method the reference is the policy with its adapter disabled (no second
+copy in memory). With ``adapter.method: full`` or a stacked previous adapter, a second copy of the
+starting model is loaded as the frozen reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from medtune.config import RunConfig
+from medtune.train import common
+
+log = logging.getLogger(__name__)
+
+#: The loss types TRL 1.16.0's DPOTrainer implements (``DPOTrainer.dpo_loss``).
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+
+#: Preference methods TRL ships as separate (experimental) trainers, not as DPO loss types.
+SEPARATE_TRAINERS = {
+    "orpo": "trl.experimental.orpo.ORPOTrainer",
+    "simpo": "trl.experimental.cpo.CPOTrainer with loss_type='simpo'",
+    "cpo": "trl.experimental.cpo.CPOTrainer",
+    "kto": "trl.KTOTrainer (unpaired data)",
+}
+
+
+def check_loss_type(loss_type: str) -> str:
+    """Return ``loss_type`` if TRL's DPOTrainer implements it, else raise a ValueError saying what to use."""
+    if loss_type in DPO_LOSS_TYPES:
+        return loss_type
+    if loss_type in SEPARATE_TRAINERS:
+        raise ValueError(f"preference.loss_type: {loss_type!r} is not a DPO loss in TRL 1.16 but a separate trainer "
+                         f"({SEPARATE_TRAINERS[loss_type]}), which stage dpo does not run; "
+                         f"DPO loss types: {', '.join(DPO_LOSS_TYPES)}")
+    raise ValueError(f"preference.loss_type: expected one of {list(DPO_LOSS_TYPES)}, got {loss_type!r}")
+
+
+def run(cfg: RunConfig, resume: bool = True) -> Path:
+    """Train with DPO on preference pairs and return the run directory.
+
+    Args:
+        cfg: The run config (stage ``dpo``); ``preference.beta`` and ``preference.loss_type`` set the loss.
+        resume: Continue from the last complete checkpoint in the run directory, if any.
+
+    Returns:
+        The run directory; ``train_results.json`` holds the held-out ``eval_rewards/accuracies``
+        (share of pairs whose implicit reward ranks chosen above rejected) when pairs are held out.
+    """
+    import torch
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from medtune.adapters import AdaLoraRankCallback, peft_config_for, total_optimizer_steps
+    from medtune.io import write_jsonl
+    from medtune.models import load_for_training, training_tokenizer
+    from medtune.templates import conversation_template
+    from medtune.train.rm import load_pairs, preference_rows
+
+    loss_type = check_loss_type(cfg.preference.loss_type)
+
+    # ---- run directory -----------------------------------------------------------------------
+    run_dir, checkpoint = common.prepare_run_dir(cfg, resume=resume)
+    torch.manual_seed(cfg.train.seed)
+
+    # ---- data: pairs → rendered text rows (same prompt text as SFT) ------------------------------
+    tokenizer = training_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    train_pairs, val_pairs, rejects = load_pairs(cfg)
+    fmt, limit, prompt_limit = cfg.data.conversation_format, cfg.data.max_length, cfg.preference.max_prompt_length
+    train = preference_rows(train_pairs, fmt, tokenizer, limit, prompt_limit)
+    val = preference_rows(val_pairs, fmt, tokenizer, limit, prompt_limit)
+    if not train.rows:
+        raise ValueError(f"{cfg.data.train}: no preference pairs left to train on "
+                         f"({len(train.skipped)} too long, {len(rejects)} invalid)")
+
+    # ---- policy, PEFT and reference -----------------------------------------------------------------
+    def load(previous_adapter: str) -> tuple[Any, bool]:
+        loaded, _, is_stacked = load_for_training(
+            cfg.model.name_or_path,
+            dtype=cfg.model.dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            attn_implementation=cfg.model.attn_implementation,
+            previous_adapter=previous_adapter,
+            quantize_4bit=cfg.adapter.method == "qlora",
+        )
+        return loaded, is_stacked
+
+    model, stacked = load(cfg.model.previous_adapter)
+    total_steps = total_optimizer_steps(
+        len(train.rows), cfg.train.batch_size, cfg.train.gradient_accumulation_steps, cfg.train.epochs,
+        cfg.train.max_steps, int(os.environ.get("WORLD_SIZE", "1")),
+    )
+    peft_config = None if stacked else peft_config_for(cfg.adapter, model.config.model_type, total_steps)
+    ref_model = None
+    if peft_config is None:
+        # Full fine-tuning (or training a stacked adapter further): disabling "the" adapter would not
+        # give the starting model, so a frozen copy of it is the reference. Merged, so the reference is
+        # exactly the previous stage's model.
+        ref_model, _ = load("merge")
+        ref_model.eval().requires_grad_(False)
+
+    # ---- trainer -----------------------------------------------------------------------------------
+    has_val = bool(val.rows)
+    args = DPOConfig(
+        output_dir=str(run_dir),
+        beta=cfg.preference.beta,
+        loss_type=[loss_type],
+        max_length=cfg.data.max_length,  # over-long pairs were already removed and listed
+        num_train_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps,
+        learning_rate=cfg.train.learning_rate,
+        per_device_train_batch_size=cfg.train.batch_size,
+        per_device_eval_batch_size=cfg.train.eval_batch_size,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        warmup_steps=cfg.train.warmup_ratio,
+        lr_scheduler_type=cfg.train.lr_scheduler,
+        weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm,
+        save_strategy="steps",
+        save_steps=cfg.train.save_steps,
+        save_total_limit=cfg.train.save_total_limit,
+        eval_strategy="epoch" if has_val else "no",
+        logging_steps=cfg.train.logging_steps,
+        logging_first_step=True,
+        seed=cfg.train.seed,
+        # TRL configs default to bf16 and gradient checkpointing on; take both from our config
+        bf16=cfg.train.bf16,
+        fp16=cfg.train.fp16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        report_to="none",
+        dataloader_pin_memory=False,
+    )
+    callbacks: list[Any] = [common.MetricsLogCallback(run_dir / "metrics.jsonl")]
+    if "tensorboard" in cfg.train.report_to:
+        callbacks.append(common.tensorboard_callback(run_dir))
+    if cfg.adapter.method == "adalora":
+        callbacks.append(AdaLoraRankCallback())
+
+    def dataset(rows: list[dict[str, str]]) -> Any:
+        return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=dataset(train.rows),
+        eval_dataset=dataset(val.rows) if has_val else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+
+    # ---- record what this run is ------------------------------------------------------------------
+    if trainer.is_world_process_zero():
+        cfg.save(run_dir / "config.yaml")
+        conversation_template(fmt).save(run_dir / "template.yaml")
+        common.save_json(run_dir / "env.json",
+                         common.environment(cfg.train.seed, [cfg.data.train, cfg.data.validation or ""]))
+        common.save_json(run_dir / "data_summary.json", {
+            "train": {"pairs": len(train_pairs), "used": len(train.rows), "skipped": len(train.skipped)},
+            "validation": {"pairs": len(val_pairs), "used": len(val.rows), "skipped": len(val.skipped)},
+            "rejected_rows": len(rejects),
+        })
+        write_jsonl(run_dir / "skipped.jsonl", train.skipped + val.skipped + rejects)
+        if checkpoint:
+            common.trim_metrics_log(run_dir / "metrics.jsonl", common.checkpoint_step(checkpoint))
+            log.info("resuming from %s", checkpoint)
+
+    # ---- train, then the held-out preference accuracy -------------------------------------------------
+    trainer.train(resume_from_checkpoint=checkpoint)
+    evaluation = trainer.evaluate() if has_val else {}
+
+    # ---- save ---------------------------------------------------------------------------------------
+    if trainer.is_world_process_zero():
+        out = run_dir / ("adapter" if (peft_config is not None or stacked) else "model")
+        trainer.save_model(str(out))
+        tokenizer.save_pretrained(str(out))
+        trainer.save_state()
+        common.save_json(run_dir / "train_results.json", {
+            "global_step": trainer.state.global_step,
+            "total_steps_planned": total_steps,
+            "loss_type": loss_type,
+            "beta": cfg.preference.beta,
+            "validation_pairs": len(val.rows),
+            **evaluation,
+        })
+    return run_dir

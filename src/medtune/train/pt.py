@@ -1,0 +1,295 @@
+"""Continued pretraining on raw domain text: config → documents → blocks → model + PEFT → train → save.
+
+Documents are tokenised (each followed by EOS so the model learns where a text ends), concatenated
+and cut into blocks of ``pt.block_size`` tokens. Every block is full, so there is no padding and
+``labels == input_ids``. The final partial block is dropped and its size written to
+``data_summary.json``. Perplexity on held-out blocks is measured before and after training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medtune.config import RunConfig
+from medtune.train import common
+
+log = logging.getLogger(__name__)
+
+#: Held-out share of the blocks when neither data.validation nor data.val_fraction is set: a
+#: perplexity before/after is the point of this stage, so it always has something to measure on.
+DEFAULT_VAL_FRACTION = 0.05
+
+
+@dataclass
+class TextRead:
+    """Documents read from one pretraining file, and what was left out."""
+
+    documents: list[str]
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {"line", "reason"}
+    blank_lines: int = 0
+
+
+@dataclass
+class Blocks:
+    """Token blocks cut from concatenated documents, with the counts that explain them."""
+
+    blocks: list[list[int]]
+    n_documents: int
+    total_tokens: int
+    dropped_tail_tokens: int  # the last partial block
+
+    def summary(self) -> dict[str, int]:
+        """Counts for ``data_summary.json``."""
+        return {
+            "documents": self.n_documents,
+            "total_tokens": self.total_tokens,
+            "blocks": len(self.blocks),
+            "dropped_tail_tokens": self.dropped_tail_tokens,
+        }
+
+
+def read_texts(path: str | os.PathLike) -> TextRead:
+    """Read documents: a ``.txt`` file (one per line) or JSON lines with a ``text`` field.
+
+    Blank lines are counted, not kept. JSON lines that are not objects with a non-empty string
+    ``text`` are listed in ``skipped`` so the caller can write them out.
+    """
+    path = Path(path)
+    is_jsonl = path.suffix.lower() in (".jsonl", ".json")
+    out = TextRead(documents=[])
+    with open(path, encoding="utf-8") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line = raw.strip()
+            if not line:
+                out.blank_lines += 1
+                continue
+            if not is_jsonl:
+                out.documents.append(line)
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                out.skipped.append({"line": lineno, "reason": f"invalid JSON: {exc.msg}"})
+                continue
+            text = row.get("text") if isinstance(row, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                out.skipped.append({"line": lineno, "reason": "no non-empty string field 'text'"})
+                continue
+            out.documents.append(text.strip())
+    return out
+
+
+def make_blocks(documents: list[str], tokenizer: Any, block_size: int) -> Blocks:
+    """Tokenise each document (+ EOS), concatenate, and cut into full blocks of ``block_size``.
+
+    Args:
+        documents: Texts in order.
+        tokenizer: The training tokenizer; must have an EOS token.
+        block_size: Tokens per block (> 0).
+
+    Returns:
+        The blocks; ``total_tokens == len(blocks) * block_size + dropped_tail_tokens``.
+    """
+    if block_size <= 0:
+        raise ValueError(f"pt.block_size must be > 0, got {block_size}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("continued pretraining needs a tokenizer with an EOS token (documents are joined by it)")
+    stream: list[int] = []
+    for doc in documents:
+        stream += tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]
+    n_full = len(stream) // block_size
+    blocks = [stream[i * block_size : (i + 1) * block_size] for i in range(n_full)]
+    return Blocks(blocks, len(documents), len(stream), len(stream) - n_full * block_size)
+
+
+def split_blocks(blocks: list[list[int]], fraction: float, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Deterministic ``(train, held_out)`` split of blocks; at least one held out when there are two or more."""
+    if len(blocks) < 2 or fraction <= 0:
+        return list(blocks), []
+    order = list(range(len(blocks)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: max(1, round(len(blocks) * fraction))])
+    return ([b for i, b in enumerate(blocks) if i not in held], [b for i, b in enumerate(blocks) if i in held])
+
+
+def perplexity(eval_loss: float | None) -> float | None:
+    """``exp(mean token loss)``; ``None`` when there was nothing to evaluate; ``inf`` on overflow."""
+    if eval_loss is None:
+        return None
+    try:
+        return math.exp(eval_loss)
+    except OverflowError:
+        return float("inf")
+
+
+def run(cfg: RunConfig, resume: bool = True) -> Path:
+    """Continue pretraining ``cfg.model`` on ``cfg.data.train`` and return the run directory.
+
+    Args:
+        cfg: The run config (stage ``pt``); ``pt.block_size`` sets the block length.
+        resume: Continue from the last complete checkpoint in the run directory, if any.
+
+    Returns:
+        The run directory: the usual contract files, ``adapter/`` or ``model/``, and
+        ``train_results.json`` with ``perplexity_before`` and ``perplexity_after``.
+    """
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    from medtune.adapters import AdaLoraRankCallback, peft_config_for, total_optimizer_steps
+    from medtune.io import atomic_write_text, write_jsonl
+    from medtune.models import load_for_training, training_tokenizer
+
+    # ---- run directory -----------------------------------------------------------------------
+    run_dir, checkpoint = common.prepare_run_dir(cfg, resume=resume)
+    torch.manual_seed(cfg.train.seed)
+
+    # ---- data: documents → one token stream → full blocks ---------------------------------------
+    tokenizer = training_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    train_read = read_texts(cfg.data.train)
+    documents = train_read.documents[: cfg.data.max_samples] if cfg.data.max_samples else train_read.documents
+    train_blocks = make_blocks(documents, tokenizer, cfg.pt.block_size)
+    val_read: TextRead | None = None
+    if cfg.data.validation:
+        val_read = read_texts(cfg.data.validation)
+        val_blocks = make_blocks(val_read.documents, tokenizer, cfg.pt.block_size)
+        train_set, val_set = train_blocks.blocks, val_blocks.blocks
+    else:
+        # Split whole blocks (not documents): every block is then the same length, so the eval
+        # loss is an exact per-token mean and exp() of it is the held-out perplexity.
+        val_blocks = None
+        fraction = cfg.data.val_fraction if cfg.data.val_fraction > 0 else DEFAULT_VAL_FRACTION
+        train_set, val_set = split_blocks(train_blocks.blocks, fraction, cfg.train.seed)
+    if not train_set:
+        raise ValueError(
+            f"{cfg.data.train}: {train_blocks.total_tokens} tokens make no full training block of "
+            f"pt.block_size={cfg.pt.block_size}; lower pt.block_size or add text"
+        )
+
+    # ---- model + PEFT -----------------------------------------------------------------------------
+    model, _, stacked = load_for_training(
+        cfg.model.name_or_path,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation,
+        previous_adapter=cfg.model.previous_adapter,
+        quantize_4bit=cfg.adapter.method == "qlora",
+    )
+    total_steps = total_optimizer_steps(
+        len(train_set), cfg.train.batch_size, cfg.train.gradient_accumulation_steps, cfg.train.epochs,
+        cfg.train.max_steps, int(os.environ.get("WORLD_SIZE", "1")),
+    )
+    peft_config = None if stacked else peft_config_for(cfg.adapter, model.config.model_type, total_steps)
+    if peft_config is not None:
+        model = get_peft_model(model, peft_config)
+
+    # ---- trainer -----------------------------------------------------------------------------------
+    def as_dataset(blocks: list[list[int]]) -> Any:
+        # full blocks: no padding, so the mask is all ones and every position is a label
+        return Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks],
+                                  "labels": blocks})
+
+    has_val = bool(val_set)
+    args = TrainingArguments(
+        output_dir=str(run_dir),
+        num_train_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps,
+        learning_rate=cfg.train.learning_rate,
+        per_device_train_batch_size=cfg.train.batch_size,
+        per_device_eval_batch_size=cfg.train.eval_batch_size,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        warmup_steps=cfg.train.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
+        lr_scheduler_type=cfg.train.lr_scheduler,
+        weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm,
+        save_strategy="steps",
+        save_steps=cfg.train.save_steps,
+        save_total_limit=cfg.train.save_total_limit,
+        eval_strategy="epoch" if has_val else "no",
+        logging_steps=cfg.train.logging_steps,
+        logging_first_step=True,
+        seed=cfg.train.seed,
+        bf16=cfg.train.bf16,
+        fp16=cfg.train.fp16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        report_to="none",  # TensorBoard is attached below with a fixed folder inside the run dir
+        dataloader_pin_memory=False,
+    )
+    callbacks: list[Any] = [common.MetricsLogCallback(run_dir / "metrics.jsonl")]
+    if "tensorboard" in cfg.train.report_to:
+        callbacks.append(common.tensorboard_callback(run_dir))
+    if cfg.adapter.method == "adalora":
+        callbacks.append(AdaLoraRankCallback())
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=as_dataset(train_set),
+        eval_dataset=as_dataset(val_set) if has_val else None,
+        data_collator=default_data_collator,  # equal-length blocks: stacking is all that is needed
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+    # ---- record what this run is ------------------------------------------------------------------
+    if trainer.is_world_process_zero():
+        cfg.save(run_dir / "config.yaml")
+        # Raw text has no prompt template; the file still exists so every run dir looks the same.
+        atomic_write_text(run_dir / "template.yaml", yaml.safe_dump(
+            {"kind": "none", "name": "pt", "description": "continued pretraining on raw text: no prompt template"},
+            allow_unicode=True, sort_keys=False))
+        common.save_json(
+            run_dir / "env.json",
+            common.environment(cfg.train.seed, [cfg.data.train, cfg.data.validation or ""]),
+        )
+        summary: dict[str, Any] = {
+            "block_size": cfg.pt.block_size,
+            "source": {**train_blocks.summary(), "blank_lines": train_read.blank_lines,
+                       "skipped_rows": len(train_read.skipped),
+                       "documents_beyond_max_samples": len(train_read.documents) - len(documents)},
+            "train_blocks": len(train_set),
+            "validation_blocks": len(val_set),
+            "validation_from": "data.validation" if cfg.data.validation else "split of train blocks",
+        }
+        if val_blocks is not None and val_read is not None:
+            summary["validation_source"] = {**val_blocks.summary(), "blank_lines": val_read.blank_lines,
+                                            "skipped_rows": len(val_read.skipped)}
+        common.save_json(run_dir / "data_summary.json", summary)
+        write_jsonl(run_dir / "skipped.jsonl", train_read.skipped + (val_read.skipped if val_read else []))
+        if checkpoint:
+            common.trim_metrics_log(run_dir / "metrics.jsonl", common.checkpoint_step(checkpoint))
+            log.info("resuming from %s", checkpoint)
+
+    # ---- perplexity before, train, perplexity after ------------------------------------------------
+    # Before train(): a resumed run has not loaded its checkpoint yet, so this is the starting model.
+    before = trainer.evaluate(metric_key_prefix="before") if has_val else {}
+    trainer.train(resume_from_checkpoint=checkpoint)
+    after = trainer.evaluate() if has_val else {}
+
+    # ---- save ---------------------------------------------------------------------------------------
+    if trainer.is_world_process_zero():
+        out = run_dir / ("adapter" if (peft_config is not None or stacked) else "model")
+        trainer.save_model(str(out))
+        tokenizer.save_pretrained(str(out))
+        trainer.save_state()
+        common.save_json(run_dir / "train_results.json", {
+            "global_step": trainer.state.global_step,
+            "total_steps_planned": total_steps,
+            "validation_blocks": len(val_set),
+            "eval_loss_before": before.get("before_loss"),
+            "eval_loss_after": after.get("eval_loss"),
+            "perplexity_before": perplexity(before.get("before_loss")),
+            "perplexity_after": perplexity(after.get("eval_loss")),
+        })
+    return run_dir

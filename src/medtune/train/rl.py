@@ -1,0 +1,229 @@
+"""Online RL (GRPO or RLOO from TRL): config → prompts → model + PEFT → reward → train → save.
+
+The model samples ``rl.num_generations`` completions per prompt, a reward function scores them
+(see :mod:`medtune.train.rewards` for which reward applies to which data) and the policy moves
+towards the completions that scored above their group's mean. ``train.batch_size`` counts
+*prompts* per device step; TRL's batch counts completions, so it is ``batch_size × num_generations``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from medtune.config import RunConfig
+from medtune.io import write_jsonl
+from medtune.train import common
+
+log = logging.getLogger(__name__)
+
+
+def build_prompt_rows(cfg: RunConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], Any, str, list[dict]]:
+    """Prompt rows for TRL, the template used, the data kind and the rejected rows.
+
+    Exam data give ``{"prompt", "options", "answer", "id"}`` (options as a JSON string, see
+    :mod:`medtune.train.rewards`); conversations give ``{"prompt", "reference", "id"}`` with the
+    final assistant reply as reference.
+
+    Args:
+        cfg: The run config (``data.*`` is read).
+        tokenizer: The training tokenizer (chat templates render through it).
+
+    Returns:
+        ``(rows, template, kind, rejects)``.
+    """
+    from medtune.data.conversations import conversation_prompt
+    from medtune.data.exam import detect_kind, load_conversations, load_exam_file
+    from medtune.templates import conversation_template, get_template
+
+    kind = detect_kind(cfg.data.train)
+    rows: list[dict[str, Any]] = []
+    if kind == "exam":
+        template: Any = get_template(cfg.data.template)
+        records, rejects = load_exam_file(cfg.data.train, cfg.data.on_invalid)
+        if cfg.data.max_samples:
+            records = records[: cfg.data.max_samples]
+        for rec in records:
+            rows.append({
+                "id": rec.id,
+                "prompt": template.render_prompt(rec, tokenizer),
+                "options": json.dumps(rec.options, ensure_ascii=False),
+                "answer": rec.answer,
+            })
+    else:
+        template = conversation_template(cfg.data.conversation_format)
+        records, rejects = load_conversations(cfg.data.train, cfg.data.on_invalid)
+        if cfg.data.max_samples:
+            records = records[: cfg.data.max_samples]
+        for conv in records:
+            prompt, _ = conversation_prompt(conv.prompt_messages, template.name, tokenizer)
+            rows.append({"id": conv.id, "prompt": prompt, "reference": conv.reply})
+    return rows, template, kind, rejects
+
+
+def reward_function(cfg: RunConfig, template: Any, kind: str) -> Any:
+    """The TRL reward function for ``cfg.rl.reward`` on data of ``kind`` (exam | conversation)."""
+    from medtune.train import rewards
+
+    if cfg.rl.reward == "model":
+        return rewards.make_model_reward_fn(cfg.rl.reward_model)
+    if kind == "exam":
+        return rewards.make_exam_reward_fn(template, cfg.rl.format_bonus)
+    # Conversations have no options to grade, so "exam" falls back to overlap with the reference.
+    log.info("rl.reward=exam on conversation data: using reference_overlap_reward (ROUGE-L vs the reply)")
+    return rewards.make_reference_overlap_reward_fn()
+
+
+def quarter_means(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean of the first and of the last quarter of ``values`` (at least one value each)."""
+    if not values:
+        return None, None
+    k = max(1, len(values) // 4)
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
+def run(cfg: RunConfig, resume: bool = True) -> Path:
+    """Train with GRPO or RLOO and return the run directory.
+
+    Args:
+        cfg: The run config (``stage: rl``); ``model.name_or_path`` is a base model or a previous
+            run directory (e.g. an sft run, whose adapter is merged or stacked).
+        resume: Continue from the run directory's last complete checkpoint, if any.
+
+    Returns:
+        The run directory: config.yaml, template.yaml, env.json, data_summary.json,
+        skipped.jsonl, metrics.jsonl (with TRL's ``reward`` per logged step), adapter/ (or
+        model/), train_results.json.
+    """
+    import torch
+    from datasets import Dataset
+
+    from medtune.adapters import AdaLoraRankCallback, peft_config_for, total_optimizer_steps
+    from medtune.models import load_for_training, training_tokenizer
+
+    # ---- run directory: create, or find the checkpoint to resume from -------------------------
+    run_dir, checkpoint = common.prepare_run_dir(cfg, resume=resume)
+    torch.manual_seed(cfg.train.seed)
+
+    # ---- data: records → prompts (+ the columns the reward reads) ---------------------------------
+    tokenizer = training_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    rows, template, kind, rejects = build_prompt_rows(cfg, tokenizer)
+    if not rows:
+        raise ValueError(f"{cfg.data.train}: no prompts ({len(rejects)} rows rejected)")
+
+    # ---- model + PEFT -----------------------------------------------------------------------------
+    model, _, stacked = load_for_training(
+        cfg.model.name_or_path,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation,
+        previous_adapter=cfg.model.previous_adapter,
+        quantize_4bit=cfg.adapter.method == "qlora",
+    )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    total_steps = total_optimizer_steps(
+        len(rows), cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
+        cfg.train.epochs, cfg.train.max_steps, world_size,
+    )
+    # TRL wraps the model with this config itself (and, with beta > 0, uses the adapter-disabled
+    # model as the reference, so no second copy of the weights is loaded).
+    peft_config = None if stacked else peft_config_for(cfg.adapter, model.config.model_type, total_steps)
+
+    # ---- trainer -----------------------------------------------------------------------------------
+    common_args: dict[str, Any] = dict(
+        output_dir=str(run_dir),
+        num_train_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps,
+        learning_rate=cfg.train.learning_rate,
+        # TRL counts completions per batch; a group of num_generations must fit in one batch.
+        per_device_train_batch_size=cfg.train.batch_size * cfg.rl.num_generations,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        warmup_steps=cfg.train.warmup_ratio,
+        lr_scheduler_type=cfg.train.lr_scheduler,
+        weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm,
+        save_strategy="steps",
+        save_steps=cfg.train.save_steps,
+        save_total_limit=cfg.train.save_total_limit,
+        logging_steps=cfg.train.logging_steps,
+        logging_first_step=True,
+        seed=cfg.train.seed,
+        # TRL's configs default to bf16=True and gradient_checkpointing=True, which fail or slow
+        # down on CPU; medtune's config decides instead.
+        bf16=cfg.train.bf16,
+        fp16=cfg.train.fp16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        report_to="none",  # TensorBoard is attached below with a fixed folder inside the run dir
+        dataloader_pin_memory=False,
+        num_generations=cfg.rl.num_generations,
+        max_completion_length=cfg.rl.max_completion_length,
+        temperature=cfg.rl.temperature,
+        beta=cfg.rl.beta,
+        use_vllm=False,
+        # options/answer/reference must survive the column pruning to reach the reward function.
+        remove_unused_columns=False,
+    )
+    if cfg.rl.algorithm == "grpo":
+        from trl import GRPOConfig as ConfigCls
+        from trl import GRPOTrainer as TrainerCls
+    else:
+        from trl import RLOOConfig as ConfigCls
+        from trl import RLOOTrainer as TrainerCls
+    args = ConfigCls(**common_args)
+
+    callbacks: list[Any] = [common.MetricsLogCallback(run_dir / "metrics.jsonl")]
+    if "tensorboard" in cfg.train.report_to:
+        callbacks.append(common.tensorboard_callback(run_dir))
+    if cfg.adapter.method == "adalora":
+        callbacks.append(AdaLoraRankCallback())
+    trainer = TrainerCls(
+        model=model,
+        reward_funcs=reward_function(cfg, template, kind),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        peft_config=peft_config,
+    )
+
+    # ---- record what this run is, before the (long) training starts --------------------------------
+    if trainer.is_world_process_zero():
+        cfg.save(run_dir / "config.yaml")
+        template.save(run_dir / "template.yaml")
+        data_files = [cfg.data.train] + ([cfg.rl.reward_model + "/config.yaml"] if cfg.rl.reward == "model" else [])
+        common.save_json(run_dir / "env.json", common.environment(cfg.train.seed, data_files))
+        common.save_json(run_dir / "data_summary.json", {
+            "kind": kind, "prompts": len(rows), "rejected_rows": len(rejects),
+            "algorithm": cfg.rl.algorithm, "reward": cfg.rl.reward,
+        })
+        write_jsonl(run_dir / "skipped.jsonl", rejects)
+        if checkpoint:
+            common.trim_metrics_log(run_dir / "metrics.jsonl", common.checkpoint_step(checkpoint))
+            log.info("resuming from %s", checkpoint)
+
+    # ---- train ------------------------------------------------------------------------------------
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+    # ---- save: adapter (or full model) + tokenizer + trainer state ----------------------------------
+    if trainer.is_world_process_zero():
+        out = run_dir / ("adapter" if (peft_config is not None or stacked) else "model")
+        trainer.save_model(str(out))
+        tokenizer.save_pretrained(str(out))
+        trainer.save_state()
+        # The full log history (resumed runs included) is in the trainer state; TRL logs the mean
+        # reward of each logged step's sampled completions as "reward".
+        rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
+        first, last = quarter_means(rewards)
+        common.save_json(run_dir / "train_results.json", {
+            "global_step": trainer.state.global_step,
+            "total_steps_planned": total_steps,
+            "algorithm": cfg.rl.algorithm,
+            "reward_logged_steps": len(rewards),
+            "mean_reward_first_quarter": first,
+            "mean_reward_last_quarter": last,
+        })
+    return run_dir
