@@ -122,6 +122,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         dataloader_pin_memory=False,
         # every trainable parameter gets a gradient each step; without this DDP re-scans the graph
         ddp_find_unused_parameters=False,
+        optim=cfg.train.optim or ("paged_adamw_8bit" if cfg.adapter.method == "qlora" else "adamw_torch"),
     )
     callbacks: list[Any] = [common.MetricsLogCallback(run_dir / "metrics.jsonl")]
     if "tensorboard" in cfg.train.report_to:
