@@ -193,3 +193,56 @@ class EarlyStopOnEvalLoss(TrainerCallback):
             if self.bad >= self.patience:
                 log.info("early stopping: eval_loss has not improved for %d evaluations", self.bad)
                 control.should_training_stop = True
+
+
+def training_arguments(cfg: RunConfig, run_dir: Path, has_val: bool) -> dict[str, Any]:
+    """Keyword arguments for ``TrainingArguments`` (or a TRL config, which subclasses it).
+
+    Every stage maps ``cfg.train`` to the trainer the same way; stage-specific arguments are
+    added by the stage.
+    """
+    import torch
+
+    return dict(
+        output_dir=str(run_dir),
+        num_train_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps,
+        learning_rate=cfg.train.learning_rate,
+        per_device_train_batch_size=cfg.train.batch_size,
+        per_device_eval_batch_size=cfg.train.eval_batch_size,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        warmup_steps=cfg.train.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
+        lr_scheduler_type=cfg.train.lr_scheduler,
+        weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm,
+        save_strategy="steps",
+        save_steps=cfg.train.save_steps,
+        save_total_limit=cfg.train.save_total_limit,
+        eval_strategy="epoch" if has_val else "no",
+        logging_steps=cfg.train.logging_steps,
+        logging_first_step=True,
+        seed=cfg.train.seed,
+        # TRL configs default to bf16 and gradient checkpointing on; both fail or slow down on
+        # CPU, so both always come from our config.
+        bf16=cfg.train.bf16,
+        fp16=cfg.train.fp16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        report_to="none",  # TensorBoard is attached by standard_callbacks, inside the run dir
+        dataloader_pin_memory=False,
+        optim=cfg.train.optim or ("paged_adamw_8bit" if cfg.adapter.method == "qlora" else "adamw_torch"),
+    )
+
+
+def standard_callbacks(cfg: RunConfig, run_dir: Path, has_val: bool) -> list[Any]:
+    """Metrics log, TensorBoard, AdaLoRA's rank schedule and early stopping, as configured."""
+    from medtune.adapters import AdaLoraRankCallback
+
+    callbacks: list[Any] = [MetricsLogCallback(run_dir / "metrics.jsonl")]
+    if "tensorboard" in cfg.train.report_to:
+        callbacks.append(tensorboard_callback(run_dir))
+    if cfg.adapter.method == "adalora":
+        callbacks.append(AdaLoraRankCallback())
+    if cfg.train.early_stopping_patience and has_val:
+        callbacks.append(EarlyStopOnEvalLoss(cfg.train.early_stopping_patience))
+    return callbacks

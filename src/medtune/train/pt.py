@@ -147,7 +147,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    from medtune.adapters import AdaLoraRankCallback, peft_config_for, total_optimizer_steps
+    from medtune.adapters import peft_config_for, total_optimizer_steps
     from medtune.io import atomic_write_text, write_jsonl
     from medtune.models import load_for_training, training_tokenizer
 
@@ -202,36 +202,9 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
 
     has_val = bool(val_set)
     args = TrainingArguments(
-        output_dir=str(run_dir),
-        num_train_epochs=cfg.train.epochs,
-        max_steps=cfg.train.max_steps,
-        learning_rate=cfg.train.learning_rate,
-        per_device_train_batch_size=cfg.train.batch_size,
-        per_device_eval_batch_size=cfg.train.eval_batch_size,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        warmup_steps=cfg.train.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
-        lr_scheduler_type=cfg.train.lr_scheduler,
-        weight_decay=cfg.train.weight_decay,
-        max_grad_norm=cfg.train.max_grad_norm,
-        save_strategy="steps",
-        save_steps=cfg.train.save_steps,
-        save_total_limit=cfg.train.save_total_limit,
-        eval_strategy="epoch" if has_val else "no",
-        logging_steps=cfg.train.logging_steps,
-        logging_first_step=True,
-        seed=cfg.train.seed,
-        bf16=cfg.train.bf16,
-        fp16=cfg.train.fp16,
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=cfg.train.gradient_checkpointing,
-        report_to="none",  # TensorBoard is attached below with a fixed folder inside the run dir
-        dataloader_pin_memory=False,
+        **common.training_arguments(cfg, run_dir, has_val),
     )
-    callbacks: list[Any] = [common.MetricsLogCallback(run_dir / "metrics.jsonl")]
-    if "tensorboard" in cfg.train.report_to:
-        callbacks.append(common.tensorboard_callback(run_dir))
-    if cfg.adapter.method == "adalora":
-        callbacks.append(AdaLoraRankCallback())
+    callbacks = common.standard_callbacks(cfg, run_dir, has_val)
     trainer = Trainer(
         model=model,
         args=args,

@@ -101,7 +101,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     import torch
     from datasets import Dataset
 
-    from medtune.adapters import AdaLoraRankCallback, peft_config_for, total_optimizer_steps
+    from medtune.adapters import peft_config_for, total_optimizer_steps
     from medtune.models import load_for_training, training_tokenizer
 
     # ---- run directory: create, or find the checkpoint to resume from -------------------------
@@ -133,40 +133,19 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     peft_config = None if stacked else peft_config_for(cfg.adapter, model.config.model_type, total_steps)
 
     # ---- trainer -----------------------------------------------------------------------------------
-    common_args: dict[str, Any] = dict(
-        output_dir=str(run_dir),
-        num_train_epochs=cfg.train.epochs,
-        max_steps=cfg.train.max_steps,
-        learning_rate=cfg.train.learning_rate,
+    common_args = {
+        **common.training_arguments(cfg, run_dir, has_val=False),
         # TRL counts completions per batch; a group of num_generations must fit in one batch.
-        per_device_train_batch_size=cfg.train.batch_size * cfg.rl.num_generations,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        warmup_steps=cfg.train.warmup_ratio,
-        lr_scheduler_type=cfg.train.lr_scheduler,
-        weight_decay=cfg.train.weight_decay,
-        max_grad_norm=cfg.train.max_grad_norm,
-        save_strategy="steps",
-        save_steps=cfg.train.save_steps,
-        save_total_limit=cfg.train.save_total_limit,
-        logging_steps=cfg.train.logging_steps,
-        logging_first_step=True,
-        seed=cfg.train.seed,
-        # TRL's configs default to bf16=True and gradient_checkpointing=True, which fail or slow
-        # down on CPU; medtune's config decides instead.
-        bf16=cfg.train.bf16,
-        fp16=cfg.train.fp16,
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=cfg.train.gradient_checkpointing,
-        report_to="none",  # TensorBoard is attached below with a fixed folder inside the run dir
-        dataloader_pin_memory=False,
-        num_generations=cfg.rl.num_generations,
-        max_completion_length=cfg.rl.max_completion_length,
-        temperature=cfg.rl.temperature,
-        beta=cfg.rl.beta,
-        use_vllm=False,
+        "per_device_train_batch_size": cfg.train.batch_size * cfg.rl.num_generations,
+        "eval_strategy": "no",
+        "num_generations": cfg.rl.num_generations,
+        "max_completion_length": cfg.rl.max_completion_length,
+        "temperature": cfg.rl.temperature,
+        "beta": cfg.rl.beta,
+        "use_vllm": False,
         # options/answer/reference must survive the column pruning to reach the reward function.
-        remove_unused_columns=False,
-    )
+        "remove_unused_columns": False,
+    }
     if cfg.rl.algorithm == "grpo":
         from trl import GRPOConfig as ConfigCls
         from trl import GRPOTrainer as TrainerCls
@@ -175,11 +154,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         from trl import RLOOTrainer as TrainerCls
     args = ConfigCls(**common_args)
 
-    callbacks: list[Any] = [common.MetricsLogCallback(run_dir / "metrics.jsonl")]
-    if "tensorboard" in cfg.train.report_to:
-        callbacks.append(common.tensorboard_callback(run_dir))
-    if cfg.adapter.method == "adalora":
-        callbacks.append(AdaLoraRankCallback())
+    callbacks = common.standard_callbacks(cfg, run_dir, has_val=False)
     trainer = TrainerCls(
         model=model,
         reward_funcs=reward_function(cfg, template, kind),

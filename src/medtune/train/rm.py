@@ -154,7 +154,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from medtune.adapters import AdaLoraRankCallback, total_optimizer_steps
+    from medtune.adapters import total_optimizer_steps
     from medtune.io import write_jsonl
     from medtune.models import load_for_training, training_tokenizer
     from medtune.templates import conversation_template
@@ -194,38 +194,10 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     # ---- trainer -----------------------------------------------------------------------------------
     has_val = bool(val.rows)
     args = RewardConfig(
-        output_dir=str(run_dir),
-        num_train_epochs=cfg.train.epochs,
-        max_steps=cfg.train.max_steps,
-        learning_rate=cfg.train.learning_rate,
-        per_device_train_batch_size=cfg.train.batch_size,
-        per_device_eval_batch_size=cfg.train.eval_batch_size,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        warmup_steps=cfg.train.warmup_ratio,
-        lr_scheduler_type=cfg.train.lr_scheduler,
-        weight_decay=cfg.train.weight_decay,
-        max_grad_norm=cfg.train.max_grad_norm,
-        save_strategy="steps",
-        save_steps=cfg.train.save_steps,
-        save_total_limit=cfg.train.save_total_limit,
-        eval_strategy="epoch" if has_val else "no",
-        logging_steps=cfg.train.logging_steps,
-        logging_first_step=True,
-        seed=cfg.train.seed,
-        # TRL configs default to bf16 and gradient checkpointing on; take both from our config
-        bf16=cfg.train.bf16,
-        fp16=cfg.train.fp16,
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        **common.training_arguments(cfg, run_dir, has_val),
         max_length=cfg.data.max_length,  # over-long pairs were already removed and listed
-        report_to="none",
-        dataloader_pin_memory=False,
     )
-    callbacks: list[Any] = [common.MetricsLogCallback(run_dir / "metrics.jsonl")]
-    if "tensorboard" in cfg.train.report_to:
-        callbacks.append(common.tensorboard_callback(run_dir))
-    if cfg.adapter.method == "adalora":
-        callbacks.append(AdaLoraRankCallback())
+    callbacks = common.standard_callbacks(cfg, run_dir, has_val)
 
     def dataset(rows: list[dict[str, str]]) -> Any:
         return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])

@@ -21,7 +21,6 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from medtune.adapters import (
-        AdaLoraRankCallback,
         check_method_compatibility,
         peft_config_for,
         total_optimizer_steps,
@@ -95,42 +94,12 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     # here: it computes per-token entropy and accuracy through a chunked LM head every step.
     has_val = bool(val_build.examples)
     args = TrainingArguments(
-        output_dir=str(run_dir),
-        num_train_epochs=cfg.train.epochs,
-        max_steps=cfg.train.max_steps,
-        learning_rate=cfg.train.learning_rate,
-        per_device_train_batch_size=cfg.train.batch_size,
-        per_device_eval_batch_size=cfg.train.eval_batch_size,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        warmup_steps=cfg.train.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
-        lr_scheduler_type=cfg.train.lr_scheduler,
-        weight_decay=cfg.train.weight_decay,
-        max_grad_norm=cfg.train.max_grad_norm,
-        save_strategy="steps",
-        save_steps=cfg.train.save_steps,
-        save_total_limit=cfg.train.save_total_limit,
-        eval_strategy="epoch" if has_val else "no",
-        logging_steps=cfg.train.logging_steps,
-        logging_first_step=True,
-        seed=cfg.train.seed,
-        bf16=cfg.train.bf16,
-        fp16=cfg.train.fp16,
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        **common.training_arguments(cfg, run_dir, has_val),
         train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
-        report_to="none",  # TensorBoard is attached below with a fixed folder inside the run dir
-        dataloader_pin_memory=False,
         # every trainable parameter gets a gradient each step; without this DDP re-scans the graph
         ddp_find_unused_parameters=False,
-        optim=cfg.train.optim or ("paged_adamw_8bit" if cfg.adapter.method == "qlora" else "adamw_torch"),
     )
-    callbacks: list[Any] = [common.MetricsLogCallback(run_dir / "metrics.jsonl")]
-    if "tensorboard" in cfg.train.report_to:
-        callbacks.append(common.tensorboard_callback(run_dir))
-    if cfg.adapter.method == "adalora":
-        callbacks.append(AdaLoraRankCallback())
-    if cfg.train.early_stopping_patience and has_val:
-        callbacks.append(common.EarlyStopOnEvalLoss(cfg.train.early_stopping_patience))
+    callbacks = common.standard_callbacks(cfg, run_dir, has_val)
     trainer = Trainer(
         model=model,
         args=args,
