@@ -231,3 +231,24 @@ def test_all_linear_stays_a_string():
     assert load_config(None, [*base, "adapter.target_modules=all-linear"]).adapter.target_modules == "all-linear"
     assert load_config(None, [*base, "adapter.target_modules=q_proj,v_proj"]).adapter.target_modules == [
         "q_proj", "v_proj"]
+
+
+STAGE_RECIPES = {"pt": "pt_lora_tiny.yaml", "sft": "quickstart.yaml", "rm": "rm_lora_tiny.yaml",
+                 "dpo": "dpo_lora_tiny.yaml", "rl": "rl_grpo_exam_tiny.yaml"}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_RECIPES))
+@pytest.mark.parametrize("method", ["full", "lora", "adalora", "qlora", "prefix", "prompt"])
+def test_every_stage_recipe_takes_every_method(stage, method):
+    """The stage × method matrix: each stage's recipe with each method override is a valid config
+    (one recipe per stage ships; methods are switched with adapter.method=…)."""
+    from medtune.adapters import check_method_compatibility
+    from medtune.models import GPURequired
+
+    cfg = load_config(CONFIG_DIR / STAGE_RECIPES[stage], [f"adapter.method={method}",
+                                                         "train.gradient_checkpointing=false"])
+    assert cfg.stage == stage and cfg.adapter.method == method
+    try:
+        check_method_compatibility(cfg.adapter, cfg.train)
+    except GPURequired:
+        assert method == "qlora"  # the only method this CPU machine refuses, before loading anything
