@@ -25,7 +25,7 @@ def _quiet_libraries() -> None:
 # ---- convert -------------------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert a raw data set file to validated records (exam records or conversations)."""
-    from medtune.data.cmexam import default_rejects_path
+    from medtune.io import default_rejects_path
 
     rejects = args.rejects or default_rejects_path(args.out)
     if args.on_invalid is None:

@@ -136,3 +136,32 @@ class JsonlAppender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def default_rejects_path(out_path: str | os.PathLike) -> Path:
+    """Where converters write rejected rows by default: ``<out stem>.rejects.jsonl`` beside it."""
+    out_path = Path(out_path)
+    return out_path.with_name(f"{out_path.stem}.rejects.jsonl")
+
+
+def convert_file(input_path: str | os.PathLike, out_path: str | os.PathLike,
+                 rejects_path: str | os.PathLike | None, read: Any) -> Any:
+    """Shared body of every ``convert_*``: ``read(input)`` → records file + rejects file.
+
+    ``read`` returns a result with ``records`` (objects with ``to_dict()``) and ``rejects``
+    (dicts). Refuses to overwrite the input; with no rejects, a rejects file left by an earlier
+    run is removed so it cannot be mistaken for this run's.
+    """
+    src, out = Path(input_path), Path(out_path)
+    rej = Path(rejects_path) if rejects_path is not None else default_rejects_path(out)
+    if src.resolve() in (out.resolve(), rej.resolve()):
+        raise ValueError(f"refusing to overwrite the input file {src}")
+    if out.resolve() == rej.resolve():
+        raise ValueError(f"records and rejects would both be written to {out}")
+    result = read(src)
+    write_jsonl(out, (record.to_dict() for record in result.records))
+    if result.rejects:
+        write_jsonl(rej, result.rejects)
+    elif rej.exists():
+        rej.unlink()
+    return result

@@ -37,7 +37,7 @@ from typing import Any
 
 import pandas as pd
 
-from medtune.io import DataFileError, iter_jsonl, write_jsonl
+from medtune.io import DataFileError, convert_file, default_rejects_path, iter_jsonl
 from medtune.records import ExamRecord, RecordError
 
 __all__ = [
@@ -167,12 +167,6 @@ def read_cmexam(path: str | os.PathLike, on_invalid: str = "error") -> ConvertRe
     )
 
 
-def default_rejects_path(out_path: str | os.PathLike) -> Path:
-    """Where ``convert_cmexam`` writes rejects by default: ``<out stem>.rejects.jsonl`` beside it."""
-    out_path = Path(out_path)
-    return out_path.with_name(f"{out_path.stem}.rejects.jsonl")
-
-
 def convert_cmexam(
     input_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -199,21 +193,7 @@ def convert_cmexam(
         DataFileError: As ``read_cmexam``.
         ValueError: The output would overwrite the input, or records and rejects share a path.
     """
-    out = Path(out_path)
-    rej = Path(rejects_path) if rejects_path is not None else default_rejects_path(out)
-    src = Path(input_path)
-    if out.resolve() == src.resolve() or rej.resolve() == src.resolve():
-        raise ValueError(f"refusing to overwrite the input file {src}")
-    if out.resolve() == rej.resolve():
-        raise ValueError(f"records and rejects would both be written to {out}")
-
-    result = read_cmexam(src, on_invalid=on_invalid)
-    write_jsonl(out, (record.to_dict() for record in result.records))
-    if result.rejects:
-        write_jsonl(rej, result.rejects)
-    elif rej.exists():
-        rej.unlink()
-    return result
+    return convert_file(input_path, out_path, rejects_path, lambda path: read_cmexam(path, on_invalid=on_invalid))
 
 
 def load_records(path: str | os.PathLike) -> list[ExamRecord]:

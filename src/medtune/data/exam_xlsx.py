@@ -62,9 +62,8 @@ from typing import Any
 import openpyxl
 from openpyxl.utils.exceptions import InvalidFileException
 
-from medtune.data.cmexam import default_rejects_path
 from medtune.evaluation.metrics import rouge_l
-from medtune.io import DataFileError, write_jsonl
+from medtune.io import DataFileError, convert_file, default_rejects_path
 from medtune.records import Conversation, RecordError
 
 __all__ = [
@@ -870,21 +869,7 @@ def convert_exam_xlsx(
         DataFileError: As ``read_exam_xlsx``.
         ValueError: An output path equals the input, or records and rejects share a path.
     """
-    out = Path(out_path)
-    rej = Path(rejects_path) if rejects_path is not None else default_rejects_path(out)
-    src = Path(input_path)
-    if src.resolve() in (out.resolve(), rej.resolve()):
-        raise ValueError(f"refusing to overwrite the input file {src}")
-    if out.resolve() == rej.resolve():
-        raise ValueError(f"records and rejects would both be written to {out}")
-
-    result = read_exam_xlsx(src, lang, on_invalid=on_invalid, sheet=sheet, n_questions=n_questions)
-    write_jsonl(out, (record.to_dict() for record in result.records))
-    if result.rejects:
-        write_jsonl(rej, result.rejects)
-    elif rej.exists():
-        rej.unlink()
-    return result
+    return convert_file(input_path, out_path, rejects_path, lambda path: read_exam_xlsx(path, lang, on_invalid=on_invalid, sheet=sheet, n_questions=n_questions))
 
 
 def summary_lines(

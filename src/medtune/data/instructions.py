@@ -41,8 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medtune.data.cmexam import default_rejects_path
-from medtune.io import DataFileError, write_jsonl
+from medtune.io import DataFileError, convert_file
 from medtune.records import Conversation, PreferencePair, RecordError
 
 __all__ = [
@@ -473,20 +472,7 @@ def convert_instructions(
         DataFileError: As ``read_instructions``.
         ValueError: The output would overwrite the input, or records and rejects share a path.
     """
-    src, out = Path(input_path), Path(out_path)
-    rej = Path(rejects_path) if rejects_path is not None else default_rejects_path(out)
-    if src.resolve() in (out.resolve(), rej.resolve()):
-        raise ValueError(f"refusing to overwrite the input file {src}")
-    if out.resolve() == rej.resolve():
-        raise ValueError(f"records and rejects would both be written to {out}")
-
-    result = _read(src, fmt, on_invalid, allowed=FORMATS)
-    write_jsonl(out, (record.to_dict() for record in result.records))
-    if result.rejects:
-        write_jsonl(rej, result.rejects)
-    elif rej.exists():
-        rej.unlink()
-    return result
+    return convert_file(input_path, out_path, rejects_path, lambda path: _read(path, fmt, on_invalid, allowed=FORMATS))
 
 
 def _read(path: str | os.PathLike, fmt: str, on_invalid: str, allowed: tuple[str, ...]) -> ReadResult:

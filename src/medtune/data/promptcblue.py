@@ -36,8 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medtune.data.cmexam import default_rejects_path
-from medtune.io import DataFileError, write_jsonl
+from medtune.io import DataFileError, convert_file
 from medtune.records import Conversation, RecordError
 
 __all__ = [
@@ -208,21 +207,7 @@ def convert_promptcblue(
         DataFileError: As ``read_promptcblue``.
         ValueError: The output would overwrite the input, or records and rejects share a path.
     """
-    out = Path(out_path)
-    rej = Path(rejects_path) if rejects_path is not None else default_rejects_path(out)
-    src = Path(input_path)
-    if out.resolve() == src.resolve() or rej.resolve() == src.resolve():
-        raise ValueError(f"refusing to overwrite the input file {src}")
-    if out.resolve() == rej.resolve():
-        raise ValueError(f"records and rejects would both be written to {out}")
-
-    result = read_promptcblue(src, on_invalid=on_invalid, require_target=require_target)
-    write_jsonl(out, (record.to_dict() for record in result.records))
-    if result.rejects:
-        write_jsonl(rej, result.rejects)
-    elif rej.exists():
-        rej.unlink()
-    return result
+    return convert_file(input_path, out_path, rejects_path, lambda path: read_promptcblue(path, on_invalid=on_invalid, require_target=require_target))
 
 
 # --------------------------------------------------------------------------------------------

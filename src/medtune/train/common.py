@@ -246,3 +246,36 @@ def standard_callbacks(cfg: RunConfig, run_dir: Path, has_val: bool) -> list[Any
     if cfg.train.early_stopping_patience and has_val:
         callbacks.append(EarlyStopOnEvalLoss(cfg.train.early_stopping_patience))
     return callbacks
+
+
+def record_run(cfg: RunConfig, run_dir: Path, template: Any, data_files: list[str] | None = None) -> None:
+    """Write what this run is before training starts: config.yaml, template.yaml, env.json.
+
+    ``template`` is anything with ``save(path)`` (exam template, conversation format), or a dict
+    written as YAML (stages without a prompt template still get the file).
+    """
+    cfg.save(run_dir / "config.yaml")
+    if isinstance(template, dict):
+        from medtune.io import atomic_write_text
+
+        atomic_write_text(run_dir / "template.yaml", yaml.safe_dump(template, allow_unicode=True, sort_keys=False))
+    else:
+        template.save(run_dir / "template.yaml")
+    files = data_files if data_files is not None else [cfg.data.train, cfg.data.validation or ""]
+    save_json(run_dir / "env.json", environment(cfg.train.seed, files))
+
+
+def note_resume(run_dir: Path, checkpoint: str | None) -> None:
+    """When resuming, drop log lines past the checkpoint (the steps will be redone)."""
+    if checkpoint:
+        trim_metrics_log(run_dir / "metrics.jsonl", checkpoint_step(checkpoint))
+        log.info("resuming from %s", checkpoint)
+
+
+def save_trained(trainer: Any, tokenizer: Any, run_dir: Path, adapter: bool) -> Path:
+    """Save ``adapter/`` (PEFT) or ``model/`` (full tuning) with the tokenizer, and the trainer state."""
+    out = run_dir / ("adapter" if adapter else "model")
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+    trainer.save_state()
+    return out

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from medtune.config import RunConfig
 from medtune.train import common
 
@@ -148,7 +146,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     from medtune.adapters import peft_config_for, total_optimizer_steps
-    from medtune.io import atomic_write_text, write_jsonl
+    from medtune.io import write_jsonl
     from medtune.models import load_for_training, training_tokenizer
 
     # ---- run directory -----------------------------------------------------------------------
@@ -217,15 +215,9 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
 
     # ---- record what this run is ------------------------------------------------------------------
     if trainer.is_world_process_zero():
-        cfg.save(run_dir / "config.yaml")
         # Raw text has no prompt template; the file still exists so every run dir looks the same.
-        atomic_write_text(run_dir / "template.yaml", yaml.safe_dump(
-            {"kind": "none", "name": "pt", "description": "continued pretraining on raw text: no prompt template"},
-            allow_unicode=True, sort_keys=False))
-        common.save_json(
-            run_dir / "env.json",
-            common.environment(cfg.train.seed, [cfg.data.train, cfg.data.validation or ""]),
-        )
+        common.record_run(cfg, run_dir, {"kind": "none", "name": "pt",
+                                         "description": "continued pretraining on raw text: no prompt template"})
         summary: dict[str, Any] = {
             "block_size": cfg.pt.block_size,
             "source": {**train_blocks.summary(), "blank_lines": train_read.blank_lines,
@@ -240,9 +232,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
                                             "skipped_rows": len(val_read.skipped)}
         common.save_json(run_dir / "data_summary.json", summary)
         write_jsonl(run_dir / "skipped.jsonl", train_read.skipped + (val_read.skipped if val_read else []))
-        if checkpoint:
-            common.trim_metrics_log(run_dir / "metrics.jsonl", common.checkpoint_step(checkpoint))
-            log.info("resuming from %s", checkpoint)
+        common.note_resume(run_dir, checkpoint)
 
     # ---- perplexity before, train, perplexity after ------------------------------------------------
     # Before train(): a resumed run has not loaded its checkpoint yet, so this is the starting model.
@@ -252,10 +242,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
 
     # ---- save ---------------------------------------------------------------------------------------
     if trainer.is_world_process_zero():
-        out = run_dir / ("adapter" if (peft_config is not None or stacked) else "model")
-        trainer.save_model(str(out))
-        tokenizer.save_pretrained(str(out))
-        trainer.save_state()
+        common.save_trained(trainer, tokenizer, run_dir, adapter=peft_config is not None or stacked)
         common.save_json(run_dir / "train_results.json", {
             "global_step": trainer.state.global_step,
             "total_steps_planned": total_steps,

@@ -167,28 +167,21 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
 
     # ---- record what this run is, before the (long) training starts --------------------------------
     if trainer.is_world_process_zero():
-        cfg.save(run_dir / "config.yaml")
-        template.save(run_dir / "template.yaml")
         data_files = [cfg.data.train] + ([cfg.rl.reward_model + "/config.yaml"] if cfg.rl.reward == "model" else [])
-        common.save_json(run_dir / "env.json", common.environment(cfg.train.seed, data_files))
+        common.record_run(cfg, run_dir, template, data_files)
         common.save_json(run_dir / "data_summary.json", {
             "kind": kind, "prompts": len(rows), "rejected_rows": len(rejects),
             "algorithm": cfg.rl.algorithm, "reward": cfg.rl.reward,
         })
         write_jsonl(run_dir / "skipped.jsonl", rejects)
-        if checkpoint:
-            common.trim_metrics_log(run_dir / "metrics.jsonl", common.checkpoint_step(checkpoint))
-            log.info("resuming from %s", checkpoint)
+        common.note_resume(run_dir, checkpoint)
 
     # ---- train ------------------------------------------------------------------------------------
     trainer.train(resume_from_checkpoint=checkpoint)
 
     # ---- save: adapter (or full model) + tokenizer + trainer state ----------------------------------
     if trainer.is_world_process_zero():
-        out = run_dir / ("adapter" if (peft_config is not None or stacked) else "model")
-        trainer.save_model(str(out))
-        tokenizer.save_pretrained(str(out))
-        trainer.save_state()
+        common.save_trained(trainer, tokenizer, run_dir, adapter=peft_config is not None or stacked)
         # The full log history (resumed runs included) is in the trainer state; TRL logs the mean
         # reward of each logged step's sampled completions as "reward".
         rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]

@@ -214,19 +214,14 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
 
     # ---- record what this run is ------------------------------------------------------------------
     if trainer.is_world_process_zero():
-        cfg.save(run_dir / "config.yaml")
-        conversation_template(cfg.data.conversation_format).save(run_dir / "template.yaml")
-        common.save_json(run_dir / "env.json",
-                         common.environment(cfg.train.seed, [cfg.data.train, cfg.data.validation or ""]))
+        common.record_run(cfg, run_dir, conversation_template(cfg.data.conversation_format))
         common.save_json(run_dir / "data_summary.json", {
             "train": {"pairs": len(train_pairs), "used": len(train.rows), "skipped": len(train.skipped)},
             "validation": {"pairs": len(val_pairs), "used": len(val.rows), "skipped": len(val.skipped)},
             "rejected_rows": len(rejects),
         })
         write_jsonl(run_dir / "skipped.jsonl", train.skipped + val.skipped + rejects)
-        if checkpoint:
-            common.trim_metrics_log(run_dir / "metrics.jsonl", common.checkpoint_step(checkpoint))
-            log.info("resuming from %s", checkpoint)
+        common.note_resume(run_dir, checkpoint)
 
     # ---- accuracy before, train, accuracy after ----------------------------------------------------
     batch = cfg.train.eval_batch_size
@@ -236,10 +231,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
 
     # ---- save ---------------------------------------------------------------------------------------
     if trainer.is_world_process_zero():
-        out = run_dir / ("adapter" if (peft_config is not None or stacked) else "model")
-        trainer.save_model(str(out))
-        tokenizer.save_pretrained(str(out))
-        trainer.save_state()
+        common.save_trained(trainer, tokenizer, run_dir, adapter=peft_config is not None or stacked)
         final: dict[str, Any] = {
             "global_step": trainer.state.global_step,
             "total_steps_planned": total_steps,

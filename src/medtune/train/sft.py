@@ -117,12 +117,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
 
     # ---- record what this run is, before the (long) training starts --------------------------------
     if trainer.is_world_process_zero():
-        cfg.save(run_dir / "config.yaml")
-        template.save(run_dir / "template.yaml")
-        common.save_json(
-            run_dir / "env.json",
-            common.environment(cfg.train.seed, [cfg.data.train, cfg.data.validation or ""]),
-        )
+        common.record_run(cfg, run_dir, template)
         common.save_json(
             run_dir / "data_summary.json",
             {"train": train_build.summary(), "validation": val_build.summary(), "rejected_rows": len(rejects)},
@@ -130,19 +125,14 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         # Nothing is dropped silently: what did not enter training as it was is written out.
         write_jsonl(run_dir / "skipped.jsonl", train_build.skipped + val_build.skipped + rejects)
         write_jsonl(run_dir / "truncated.jsonl", train_build.truncated + val_build.truncated)
-        if checkpoint:
-            common.trim_metrics_log(run_dir / "metrics.jsonl", common.checkpoint_step(checkpoint))
-            log.info("resuming from %s", checkpoint)
+        common.note_resume(run_dir, checkpoint)
 
     # ---- train ------------------------------------------------------------------------------------
     trainer.train(resume_from_checkpoint=checkpoint)
 
     # ---- save: adapter (or full model) + tokenizer + trainer state ----------------------------------
     if trainer.is_world_process_zero():
-        out = run_dir / ("adapter" if (peft_config is not None or stacked) else "model")
-        trainer.save_model(str(out))
-        tokenizer.save_pretrained(str(out))
-        trainer.save_state()
+        common.save_trained(trainer, tokenizer, run_dir, adapter=peft_config is not None or stacked)
         final = {"global_step": trainer.state.global_step, "total_steps_planned": total_steps}
         evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
         if evals:  # the last epoch's validation, already computed (no second pass over the data)
