@@ -41,9 +41,33 @@ def test_train_bad_config_key(tmp_path, capsys):
     assert "train.lerning_rate: unknown key; did you mean 'train.learning_rate'?" in capsys.readouterr().err
 
 
-def test_predict_needs_run_or_model(tmp_path):
-    with pytest.raises(SystemExit, match="either --run"):
-        main(["predict", "--data", "x.jsonl", "--out", str(tmp_path / "p.jsonl")])
+def test_predict_needs_run_or_model(tmp_path, capsys):
+    assert main(["predict", "--data", "x.jsonl", "--out", str(tmp_path / "p.jsonl")]) == 2
+    assert capsys.readouterr().err == "medtune predict: error: give either --run RUN_DIR or --model PATH\n"
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    missing = tmp_path / "missing.csv"
+    assert main(["convert", "cmexam", str(missing), "--out", str(tmp_path / "r.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("medtune convert: error: ") and str(missing) in err
+    with pytest.raises(FileNotFoundError):
+        main(["convert", "cmexam", str(missing), "--out", str(tmp_path / "r.jsonl"), "--debug"])
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "convert", "cmexam", str(missing), "--out", str(tmp_path / "r.jsonl")])
+
+
+def test_a_bug_is_reported_as_an_internal_error_in_one_line(monkeypatch, capsys):
+    import medtune.templates
+
+    def broken():
+        raise KeyError("boom")
+
+    monkeypatch.setattr(medtune.templates, "available", broken)
+    assert main(["templates"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("medtune templates: internal error: KeyError: 'boom' (rerun with --debug")
 
 
 def test_init_tiny_model_loads_with_auto_classes(tmp_path, records_file):

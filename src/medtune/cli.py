@@ -13,6 +13,10 @@ from medtune import __version__
 log = logging.getLogger("medtune")
 
 
+class UsageError(ValueError):
+    """A command line that cannot work as given (printed as one line, exit 2)."""
+
+
 def _quiet_libraries() -> None:
     # Keep library chatter out of the user's console; real warnings still go through logging.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -34,7 +38,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from medtune.data.exam_xlsx import convert_exam_xlsx, summary_lines
 
         if not args.lang:
-            raise SystemExit("convert exam-xlsx: --lang zh|en is required")
+            raise UsageError("exam-xlsx needs --lang zh|en")
         result = convert_exam_xlsx(args.input, args.out, args.lang, sheet=args.sheet,
                                    on_invalid=args.on_invalid, rejects_path=args.rejects)
         print("\n".join(summary_lines(result, args.input, args.out, args.rejects)))
@@ -121,7 +125,7 @@ def _check_source(args: argparse.Namespace, command: str) -> str | None:
     """The run directory, after checking exactly one of run/--model was given (before slow work)."""
     run = getattr(args, "run_dir", None) or args.run
     if bool(run) == bool(args.model):
-        raise SystemExit(f"{command}: give either --run RUN_DIR or --model PATH")
+        raise UsageError("give either --run RUN_DIR or --model PATH")
     return run
 
 
@@ -129,12 +133,9 @@ def _load(args: argparse.Namespace, command: str, kind: str = "exam"):  # noqa: 
     from medtune.inference.loading import load_backend
 
     run = _check_source(args, command)
-    try:
-        return load_backend(run=run, model=args.model, adapter=args.adapter, template=args.template,
-                            dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                            backend=getattr(args, "backend", "hf"), kind=kind)
-    except ValueError as exc:
-        raise SystemExit(f"{command}: {exc}") from None
+    return load_backend(run=run, model=args.model, adapter=args.adapter, template=args.template,
+                        dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                        backend=getattr(args, "backend", "hf"), kind=kind)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -175,7 +176,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.mode == "generate":
         if not args.predictions:
-            raise SystemExit("evaluate: give the predictions .jsonl (or --mode loglik with --data)")
+            raise UsageError("give the predictions .jsonl (or --mode loglik with --data)")
         if _prediction_kind(args.predictions) == "conversation" and args.task != "cmexam":
             from medtune.evaluation.text_tasks import evaluate_text, format_table
 
@@ -188,7 +189,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from medtune.data.exam import load_exam_file
 
         if args.predictions or not args.data:
-            raise SystemExit("evaluate --mode loglik: give --data records.jsonl (and no predictions file)")
+            raise UsageError("--mode loglik: give --data records.jsonl (and no predictions file)")
         _check_source(args, "evaluate")
         records, _ = load_exam_file(args.data)
         if args.limit:
@@ -222,7 +223,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     for item in args.run or []:
         label, _, path = item.partition("=")
         if not path:
-            raise SystemExit(f"report: --run {item!r}: expected LABEL=RUN_DIR")
+            raise UsageError(f"--run {item!r}: expected LABEL=RUN_DIR")
         run_dirs[label] = Path(path)
     out = write_report(args.eval_dirs, args.out, samples=args.samples, labels=labels, run_dirs=run_dirs or None)
     print(f"report: {out}")
@@ -293,7 +294,7 @@ def cmd_webui(args: argparse.Namespace) -> int:
     try:
         from medtune.web.app import build_demo, launch
     except ImportError as exc:
-        raise SystemExit(f"webui needs gradio: pip install 'medtune[web]' ({exc})") from None
+        raise UsageError(f"webui needs gradio: pip install 'medtune[web]' ({exc})") from None
     loaded = _load(args, "webui")
     base = loaded.backend.base() if getattr(loaded.backend, "has_adapter", False) else None
     demo = build_demo(loaded.backend, loaded.template, loaded.name, base_backend=base,
@@ -305,12 +306,9 @@ def cmd_webui(args: argparse.Namespace) -> int:
 # ---- export -----------------------------------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
     """Merge a run's adapter into its base model (safetensors + tokenizer + template), or copy it."""
-    from medtune.export import ExportError, export_run
+    from medtune.export import export_run
 
-    try:
-        out = export_run(args.run_dir, args.out, adapter_only=args.adapter_only, overwrite=args.overwrite)
-    except ExportError as exc:
-        raise SystemExit(f"export: {exc}") from None
+    out = export_run(args.run_dir, args.out, adapter_only=args.adapter_only, overwrite=args.overwrite)
     print(f"exported to {out}")
     return 0
 
@@ -371,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medtune", description="Fine-tune LLMs on Chinese medical exams and measure it.")
     p.add_argument("--version", action="version", version=f"medtune {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("convert", help="raw data set file → validated records (JSON lines)")
@@ -528,25 +527,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Errors a user can fix (bad input, bad settings, missing files): one line, exit 2. ValueError
+# covers DataFileError, ConfigError, TemplateError, RecordError and ExportError; OSError covers
+# missing files, directories given as files and permissions; RuntimeError covers RunDirError,
+# GPURequired and BackendUnavailable.
+USER_ERRORS = (ValueError, OSError, RuntimeError)
+
+
+def error_line(command: str, exc: BaseException) -> str:
+    """One line for an exception: ``medtune COMMAND: error: MESSAGE`` (whitespace collapsed)."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, USER_ERRORS):
+        return f"medtune {command}: error: {message}"
+    # Anything else is a bug in medtune: still one line, with the way to the traceback.
+    return (f"medtune {command}: internal error: {type(exc).__name__}: {message} "
+            "(rerun with --debug for the traceback, and please report it)")
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on every (sub)command, so it may follow the subcommand too."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                 help="show the Python traceback of an error")
+                _add_debug_flag(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medtune`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _add_debug_flag(parser)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
-    from medtune.config import ConfigError
-    from medtune.inference.vllm import BackendUnavailable
-    from medtune.io import DataFileError
-    from medtune.models import GPURequired
-    from medtune.templates import TemplateError
-    from medtune.train.common import RunDirError
-
+    command = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
     try:
         return args.func(args)
-    except (ConfigError, DataFileError, TemplateError, RunDirError, BackendUnavailable, GPURequired, FileNotFoundError) as exc:
-        # Expected user errors: one clear line, no traceback.
-        print(f"medtune {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"medtune {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(error_line(command, exc), file=sys.stderr)
+        return 2 if isinstance(exc, USER_ERRORS) else 1
 
 
 if __name__ == "__main__":
