@@ -110,7 +110,10 @@ def load_for_inference(
     if adapter_path:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_path)
+        from medtune.inference.virtual_tokens import use_virtual_token_generation
+
+        # prefix/prompt tuning: peft's own generate loses the virtual tokens (see that module)
+        model = use_virtual_token_generation(PeftModel.from_pretrained(model, adapter_path))
         if (Path(adapter_path) / "tokenizer_config.json").exists():
             tok_source = adapter_path
     tokenizer = load_tokenizer(tok_source, trust_remote_code=trust_remote_code)

@@ -26,6 +26,7 @@ class HFBackend:
         self.tokenizer = tokenizer
         self.use_adapter = use_adapter
         self.device = next(model.parameters()).device
+        self.context_length = model_context_length(model)
         # The tokenizer is shared with other threads (the server counts tokens while generating);
         # a padded call temporarily changes its padding settings, so calls are serialised.
         self._tokenizer_lock = threading.Lock()
@@ -132,6 +133,18 @@ class HFBackend:
             return len(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
+def model_context_length(model: Any) -> int | None:
+    """The longest sequence the model was built for (``max_position_embeddings`` or the like)."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 @torch.inference_mode()
 def continuation_logprobs(
     model: Any,
@@ -145,46 +158,49 @@ def continuation_logprobs(
     continuation of a question is a single token (answer letters, the usual case) the question
     costs one forward pass over its context: all candidates are read off the last position's
     distribution. Otherwise each ``context + continuation`` is scored as its own sequence.
-    Position ids are passed explicitly, so left padding does not shift positions.
+
+    Sequences are right-padded and no position ids are passed, so every token sits where it sat
+    in training (which pads on the right too) whatever the batch: this matters for adapters that
+    add virtual tokens (peft drops explicit position ids for prompt tuning), and it is what makes
+    a batched score equal the single-question score.
     """
     device = next(model.parameters()).device
     results: list[list[float] | None] = [None] * len(requests)
 
     fast = [i for i, (_, conts) in enumerate(requests) if all(len(c) == 1 for c in conts)]
-    slow = [(i, j) for i, (_, conts) in enumerate(requests) if i not in set(fast) for j in range(len(conts))]
+    fast_set = set(fast)
+    slow = [(i, j) for i, (_, conts) in enumerate(requests) if i not in fast_set for j in range(len(conts))]
 
-    def forward(seqs: list[list[int]]) -> tuple[torch.Tensor, int]:
+    def forward(seqs: list[list[int]]) -> torch.Tensor:
+        """Log-probabilities ``[batch, width, vocab]``; row r's token t is predicted at t - 1."""
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):  # left padding: every sequence ends at the last column
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       position_ids=positions.to(device)).logits
-        return torch.log_softmax(logits.float(), dim=-1), width
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        # prompt tuning returns the virtual tokens' positions first: keep the input's positions
+        return torch.log_softmax(logits[:, -width:].float(), dim=-1)
 
     fast.sort(key=lambda i: len(requests[i][0]))
     for start in range(0, len(fast), batch_size):
         chunk = fast[start : start + batch_size]
-        logprobs, _ = forward([requests[i][0] for i in chunk])
-        last = logprobs[:, -1, :]
+        logprobs = forward([requests[i][0] for i in chunk])
         for row, i in enumerate(chunk):
-            results[i] = [float(last[row, c[0]]) for c in requests[i][1]]
+            last = logprobs[row, len(requests[i][0]) - 1]
+            results[i] = [float(last[c[0]]) for c in requests[i][1]]
 
     slow.sort(key=lambda ij: len(requests[ij[0]][0]) + len(requests[ij[0]][1][ij[1]]))
     partial: dict[int, dict[int, float]] = {}
     for start in range(0, len(slow), batch_size):
         chunk = slow[start : start + batch_size]
-        seqs = [requests[i][0] + requests[i][1][j] for i, j in chunk]
-        logprobs, width = forward(seqs)
+        logprobs = forward([requests[i][0] + requests[i][1][j] for i, j in chunk])
         for row, (i, j) in enumerate(chunk):
-            cont = requests[i][1][j]
-            end = width  # the sequence's last column; continuation token k sits at end - len(cont) + k
-            first = end - len(cont)
-            # the token at column t is predicted by the distribution at column t - 1
-            picked = logprobs[row, first - 1 : end - 1, :].gather(1, torch.tensor(cont, device=device)[:, None])
+            first, cont = len(requests[i][0]), requests[i][1][j]
+            # continuation token k sits at column first + k and is predicted at column first + k - 1
+            picked = logprobs[row, first - 1 : first - 1 + len(cont)].gather(
+                1, torch.tensor(cont, device=logprobs.device)[:, None])
             partial.setdefault(i, {})[j] = float(picked.sum())
     for i, scores in partial.items():
         results[i] = [scores[j] for j in range(len(requests[i][1]))]
