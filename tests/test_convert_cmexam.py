@@ -412,3 +412,198 @@ def test_load_records_bad_json_and_duplicate_id(tmp_path):
     path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n", encoding="utf-8")
     with pytest.raises(DataFileError, match="duplicate id"):
         load_records(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Missing values: "nan", "None", "NULL" and blank cells are missing, in every shape
+# --------------------------------------------------------------------------------------------
+
+XLSX_HEADER = ["Question", "Options", "Answer", "Explanation", "Disease Group", "Difficulty level"]
+OPTS_3 = "A 甲\nB 乙\nC 丙"
+
+
+def write_xlsx(path: Path, rows: list[list]) -> Path:
+    """A workbook written cell by cell with openpyxl: str cells stay text, None stays an empty cell."""
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.append(XLSX_HEADER)
+    for values in rows:
+        sheet.append(values)
+    book.save(path)
+    return path
+
+
+@pytest.fixture
+def nan_xlsx(tmp_path) -> Path:
+    # The shape of a third-party val.xlsx: pandas wrote str(NaN) == "nan" into empty cells.
+    return write_xlsx(
+        tmp_path / "val.xlsx",
+        [
+            ["题一", OPTS_3, "A", "nan", "Diseases of the eye", 3],  # 1
+            ["题二", OPTS_3, "B", "None", None, None],  # 2
+            ["题三", OPTS_3, "C", "NULL", "", ""],  # 3
+            ["题四", OPTS_3, "AB", None, "NaN", "null"],  # 4: a real empty explanation cell
+            ["题五", OPTS_3, "BA", "解析", "none", " NAN "],  # 5
+            ["题六", OPTS_3, "nan", "解析", None, None],  # 6: the answerless row
+            ["题七", OPTS_3, None, "解析", None, None],  # 7: a real empty answer cell
+            ["题八", "A 甲\nB nan\nC 丙", "A", "解析", None, None],  # 8
+            ["None", OPTS_3, "A", "解析", None, None],  # 9
+            ["题十", "NULL", "A", "解析", None, None],  # 10
+            ["题十一", "A 甲\nB\nC 丙", "A", "解析", None, None],  # 11: an option with no text at all
+        ],
+    )
+
+
+def test_xlsx_nan_explanation_is_missing_not_text(nan_xlsx):
+    result = read_cmexam(nan_xlsx, on_invalid="skip")
+    assert result.n_rows == 11
+    assert [r.id for r in result.records] == ["val-00001", "val-00002", "val-00003", "val-00004", "val-00005"]
+    assert [r.explanation for r in result.records] == ["", "", "", "", "解析"]
+    assert result.n_missing_explanation == 4
+    assert [r.answer for r in result.records] == ["A", "B", "C", "AB", "AB"]
+
+
+def test_xlsx_nan_annotations_are_left_out(nan_xlsx):
+    result = read_cmexam(nan_xlsx, on_invalid="skip")
+    assert [r.annotations for r in result.records] == [
+        {"Disease Group": "Diseases of the eye", "Difficulty level": 3},
+        {},
+        {},
+        {},
+        {},
+    ]
+
+
+def test_xlsx_nan_answer_is_a_missing_answer_not_letters(nan_xlsx):
+    result = read_cmexam(nan_xlsx, on_invalid="skip")
+    assert [(r["row"], r["field"], r["reason"]) for r in result.rejects] == [
+        (6, "answer", "no answer ('nan' counts as missing)"),
+        (7, "answer", "no answer"),
+        (8, "options", "option B has no text ('nan' counts as missing)"),
+        (9, "question", "empty question ('None' counts as missing)"),
+        (10, "options", "no options ('NULL' counts as missing)"),
+        (11, "options", "option B has no text"),
+    ]
+    # The reject keeps the cell as it was written, so a person can find it.
+    assert result.rejects[0]["raw"]["Answer"] == "nan"
+    assert len(result.records) + len(result.rejects) == result.n_rows
+
+
+def test_xlsx_nan_answer_error_mode_message(tmp_path):
+    path = write_xlsx(tmp_path / "val.xlsx", [["题一", OPTS_3, "A", "解析", None, None],
+                                              ["题二", OPTS_3, "NAN", "nan", None, None]])
+    with pytest.raises(DataFileError) as info:
+        read_cmexam(path)
+    assert str(info.value) == f"{path}, row 2, field 'answer': no answer ('NAN' counts as missing)"
+    assert (info.value.row, info.value.field, info.value.reason) == (2, "answer", "no answer ('NAN' counts as missing)")
+
+
+@pytest.mark.parametrize("marker", ["nan", "NaN", "None", "none", "null", "NULL", "", "  "])
+def test_csv_nan_cells_are_missing(tmp_path, marker):
+    import csv
+
+    path = tmp_path / "val.csv"
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["Question", "Options", "Answer", "Explanation", "Clinical Department"])
+        writer.writerow(["题一", OPTS_3, "A", marker, marker])
+        writer.writerow(["题二", OPTS_3, marker, "解析", "Surgery"])
+        writer.writerow(["题三", f"A 甲\nB {marker}", "A", "解析", ""])
+    result = read_cmexam(path, on_invalid="skip")
+    (record,) = result.records
+    assert (record.id, record.explanation, record.annotations) == ("val-00001", "", {})
+    assert result.n_missing_explanation == 1
+    note = f" ({marker.strip()!r} counts as missing)" if marker.strip() else ""
+    assert [(r["row"], r["field"], r["reason"]) for r in result.rejects] == [
+        (2, "answer", "no answer" + note),
+        (3, "options", "option B has no text" + note),
+    ]
+
+
+def test_jsonl_null_nan_and_marker_values_are_missing(tmp_path):
+    opts = [{"key": "A", "value": "甲"}, {"key": "B", "value": "乙"}]
+    rows = [
+        {"id": "nan", "Question": "题一", "Options": opts, "Answer": "A", "Explanation": None},
+        {"id": "q2", "Question": "题二", "Options": opts, "Answer": "B", "Explanation": float("nan"),
+         "Difficulty level": "None"},
+        {"id": "q3", "Question": "题三", "Options": opts, "Answer": "A", "Explanation": "null"},
+        {"id": "q4", "Question": "题四", "Options": opts, "Answer": "None", "Explanation": "解析"},
+        {"id": "q5", "Question": "题五", "Options": [{"key": "A", "value": "甲"}, {"key": "B", "value": None}],
+         "Answer": "A"},
+        {"id": "q6", "Question": "题六", "Options": [{"key": "A", "value": "甲"}, {"key": "B", "value": "NaN"}],
+         "Answer": "A"},
+        {"id": "q7", "Question": float("nan"), "Options": opts, "Answer": "A"},
+        {"id": "q8", "Question": "题八", "Options": None, "Answer": "A"},
+    ]
+    path = tmp_path / "hf.jsonl"
+    # json.dumps writes float NaN as the bare token NaN, which Python's json (and pandas) read back.
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    result = read_cmexam(path, on_invalid="skip")
+    assert [(r.id, r.explanation, r.annotations) for r in result.records] == [
+        ("hf-00001", "", {}),  # the id "nan" is missing: a generated id, not the id "nan"
+        ("q2", "", {}),
+        ("q3", "", {}),
+    ]
+    assert result.n_missing_explanation == 3
+    assert [(r["row"], r["field"], r["reason"]) for r in result.rejects] == [
+        (4, "answer", "no answer ('None' counts as missing)"),
+        (5, "options", "option B has no text"),
+        (6, "options", "option B has no text ('NaN' counts as missing)"),
+        (7, "question", "empty question (NaN counts as missing)"),
+        (8, "options", "no options"),
+    ]
+    # Rejects are written as JSON: the NaN question must come back as null, not as invalid JSON.
+    assert result.rejects[3]["raw"]["Question"] is None
+
+
+def test_json_array_nan_values_are_missing(tmp_path):
+    opts = {"A": "甲", "B": "乙", "C": "null"}
+    path = tmp_path / "copy.json"
+    path.write_text(json.dumps([
+        {"Question": "题一", "Options": {"A": "甲", "B": "乙"}, "Answer": ["A", "nan"], "Explanation": "nan"},
+        {"Question": "题二", "Options": opts, "Answer": "A", "Explanation": "解析"},
+    ], ensure_ascii=False), encoding="utf-8")
+    result = read_cmexam(path, on_invalid="skip")
+    (record,) = result.records
+    assert (record.id, record.answer, record.explanation) == ("copy-00001", "A", "")
+    assert [(r["row"], r["field"], r["reason"]) for r in result.rejects] == [
+        (2, "options", "option C has no text ('null' counts as missing)"),
+    ]
+
+
+def test_xlsx_truncated_workbook_is_one_clear_error(tmp_path):
+    real = Path(medtune.__file__).parent / "examples" / "exam_xlsx" / "gaokao_reading.xlsx"
+    data = real.read_bytes()
+    path = tmp_path / "val.xlsx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataFileError) as info:
+        read_cmexam(path, on_invalid="skip")
+    assert str(info.value) == (
+        f"{path}: not a readable .xlsx workbook (BadZipFile: File is not a zip file); expected an Excel "
+        "workbook: the file may be truncated or corrupt, re-save it from Excel"
+    )
+
+
+def test_xlsx_corrupt_sheet_inside_a_valid_zip_is_one_clear_error(tmp_path):
+    import zipfile
+
+    good = write_xlsx(tmp_path / "good.xlsx", [["题一", OPTS_3, "A", "解析", None, None]])
+    bad = tmp_path / "bad.xlsx"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for name in src.namelist():
+            body = src.read(name)
+            dst.writestr(name, body[: len(body) // 2] if name == "xl/worksheets/sheet1.xml" else body)
+    with pytest.raises(DataFileError) as info:
+        read_cmexam(bad)
+    message = str(info.value)
+    assert message.startswith(f"{bad}: not a readable .xlsx workbook (")
+    assert message.endswith("expected an Excel workbook: the file may be truncated or corrupt, re-save it from Excel")
+
+
+def test_separator_only_answer_gets_no_missing_note(tmp_path):
+    # "," is empty only once separators are dropped; it is not a missing marker, so no note.
+    path = write_csv(tmp_path / "sep.csv", [row(answer=" , ")])
+    (reject,) = read_cmexam(path, on_invalid="skip").rejects
+    assert (reject["row"], reject["field"], reject["reason"]) == (1, "answer", "no answer")

@@ -610,3 +610,72 @@ def test_records_round_trip_through_json(exams, tmp_path):
     line = json.loads(out.read_text(encoding="utf-8").splitlines()[0])
     assert set(line) == {"id", "messages", "meta"}
     assert [m["role"] for m in line["messages"]] == ["user", "assistant"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Missing values and damaged workbooks
+# ---------------------------------------------------------------------------------------------
+
+GOOD_QUESTION = "1．题干\nA．甲\nB．乙\nC．丙\nD．丁"
+
+
+def test_exam_xlsx_nan_cells_are_missing_not_text(tmp_path):
+    rows = [
+        ("文章。", GOOD_QUESTION, "1．B"),  # 1: kept
+        ("nan", GOOD_QUESTION, "1．B"),  # 2
+        ("文章。", "None", "1．B"),  # 3
+        ("文章。", GOOD_QUESTION, "NULL"),  # 4
+        ("nan", "None", "null"),  # 5: every cell missing: a blank row, not data
+        ("文章。", GOOD_QUESTION, None),  # 6: a real empty cell
+        (" NaN ", GOOD_QUESTION, "1．B"),  # 7
+    ]
+    result = read_exam_xlsx(write_book(tmp_path / "x.xlsx", {"语文": rows}), "zh")
+    assert result.n_rows == 6  # row 5 is blank, but keeps its place in the numbering
+    assert [r.id for r in result.records] == ["x-zh-0001"]
+    assert [(r["row"], r["field"], r["reason"]) for r in result.rejects] == [
+        (2, "阅读文本", "empty passage ('nan' counts as missing)"),
+        (3, "选项", "no questions ('None' counts as missing)"),
+        (4, "答案", "no answers ('NULL' counts as missing)"),
+        (6, "答案", "no answers"),
+        (7, "阅读文本", "empty passage ('NaN' counts as missing)"),
+    ]
+    assert result.rejects[0]["raw"]["阅读文本"] == "nan"  # the cell as written, for a person to find
+
+
+def test_exam_xlsx_nan_answer_error_mode_message(tmp_path):
+    path = write_book(tmp_path / "x.xlsx", {"语文": [("文章。", GOOD_QUESTION, "nan")]})
+    with pytest.raises(DataFileError) as info:
+        read_exam_xlsx(path, "zh", on_invalid="error")
+    assert str(info.value) == f"{path}, row 1, field '答案': sheet '语文': no answers ('nan' counts as missing)"
+
+
+def test_exam_xlsx_truncated_workbook_is_one_clear_error(tmp_path):
+    import medtune
+
+    real = Path(medtune.__file__).parent / "examples" / "exam_xlsx" / "gaokao_reading.xlsx"
+    data = real.read_bytes()
+    path = tmp_path / "half.xlsx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataFileError) as info:
+        read_exam_xlsx(path, "zh")
+    assert str(info.value) == (
+        f"{path}: not a readable .xlsx workbook (BadZipFile: File is not a zip file); expected an Excel "
+        "workbook: the file may be truncated or corrupt, re-save it from Excel"
+    )
+
+
+def test_exam_xlsx_corrupt_sheet_fails_while_reading_rows_with_one_clear_error(tmp_path):
+    # read_only openpyxl opens the workbook fine and fails only while iterating the damaged sheet.
+    import zipfile
+
+    good = write_book(tmp_path / "good.xlsx", {"语文": [("文章。", GOOD_QUESTION, "1．B")]})
+    bad = tmp_path / "bad.xlsx"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name in src.namelist():
+            body = src.read(name)
+            dst.writestr(name, body[: len(body) // 2] if name == "xl/worksheets/sheet1.xml" else body)
+    with pytest.raises(DataFileError) as info:
+        read_exam_xlsx(bad, "zh")
+    message = str(info.value)
+    assert message.startswith(f"{bad}: not a readable .xlsx workbook (")
+    assert message.endswith("expected an Excel workbook: the file may be truncated or corrupt, re-save it from Excel")

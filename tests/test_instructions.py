@@ -574,3 +574,83 @@ def test_convert_refuses_to_overwrite_input(tmp_path):
         convert_instructions(path, path)
     with pytest.raises(ValueError, match="both"):
         convert_instructions(path, tmp_path / "o.jsonl", rejects_path=tmp_path / "o.jsonl")
+
+
+# --------------------------------------------------------------------------------------------
+# Missing values: "nan", "None", "null", NaN and null are missing in every shape
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("row", "field", "reason"),
+    [
+        ({"instruction": "问", "input": "", "output": "nan"}, "output", "empty reply ('nan' counts as missing)"),
+        ({"instruction": "问", "input": "", "output": float("nan")}, "output",
+         "empty reply (NaN counts as missing)"),
+        ({"instruction": "NULL", "input": "None", "output": "答"}, "instruction",
+         "empty user message ('NULL' counts as missing)"),
+        ({"instruction": "问", "output": "答", "history": [["问", "None"]]}, "history[0][1]",
+         "empty reply ('None' counts as missing)"),
+    ],
+)
+def test_alpaca_nan_values_are_missing_not_text(row, field, reason):
+    with pytest.raises(RecordError) as info:
+        alpaca_to_conversation(row, "r")
+    assert (info.value.field, info.value.reason) == (field, reason)
+
+
+def test_alpaca_nan_input_and_system_are_absent():
+    row = {"instruction": "问", "input": "nan", "output": "答", "system": "None", "source": "NULL", "tag": "内科"}
+    conversation = alpaca_to_conversation(row, "r")
+    assert conversation.messages == [user("问"), assistant("答")]  # no "问\nnan", no system "None"
+    assert conversation.meta == {"source": None, "tag": "内科"}
+
+
+def test_sharegpt_and_messages_nan_content_is_missing():
+    with pytest.raises(RecordError) as info:
+        sharegpt_to_conversation({"conversations": [{"from": "human", "value": "问"},
+                                                    {"from": "gpt", "value": " NaN "}]}, "r")
+    assert (info.value.field, info.value.reason) == ("conversations[1].value", "empty reply ('NaN' counts as missing)")
+    with pytest.raises(RecordError) as info:
+        messages_to_conversation({"messages": [user("null"), assistant("答")]}, "r")
+    assert (info.value.field, info.value.reason) == ("messages[0].content", "empty user message ('null' counts as missing)")
+    # A system message reading "None" is no system prompt, not the prompt "None".
+    conversation = messages_to_conversation({"messages": [system("None"), user("问"), assistant("答")]}, "r")
+    assert conversation.messages == [user("问"), assistant("答")]
+
+
+def test_qa_and_preference_nan_replies_are_missing():
+    with pytest.raises(RecordError) as info:
+        qa_to_conversation({"question": "问", "answer": "nan"}, "r")
+    assert (info.value.field, info.value.reason) == ("answer", "empty reply ('nan' counts as missing)")
+    with pytest.raises(RecordError) as info:
+        preference_to_pair({"prompt": "问", "chosen": "None", "rejected": "坏"}, "r")
+    assert (info.value.field, info.value.reason) == ("chosen", "empty reply ('None' counts as missing)")
+    with pytest.raises(RecordError) as info:
+        preference_to_pair({"prompt": "问", "chosen": "好", "rejected": [assistant("NULL")]}, "r")
+    assert (info.value.field, info.value.reason) == ("rejected", "empty reply ('NULL' counts as missing)")
+    with pytest.raises(RecordError) as info:
+        preference_to_pair({"prompt": "nan", "chosen": "好", "rejected": "坏"}, "r")
+    assert (info.value.field, info.value.reason) == ("prompt", "empty user message ('nan' counts as missing)")
+
+
+def test_instructions_file_nan_id_is_generated_and_rejects_are_json(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text(
+        json.dumps({"id": "nan", "instruction": "问", "input": "", "output": "答"}) + "\n"
+        + json.dumps({"id": None, "instruction": "问二", "input": "", "output": "答二"}) + "\n"
+        + json.dumps({"id": "x", "instruction": "问三", "input": "", "output": float("nan")}) + "\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out.jsonl"
+    result = convert_instructions(path, out, on_invalid="skip")
+    assert [r.id for r in result.records] == ["sft-00001", "sft-00002"]
+    assert [(r["row"], r["field"], r["reason"]) for r in result.rejects] == [
+        (3, "output", "empty reply (NaN counts as missing)"),
+    ]
+    reject = json.loads((tmp_path / "out.rejects.jsonl").read_text(encoding="utf-8"),
+                        parse_constant=lambda c: pytest.fail(f"bare {c} in rejects"))
+    assert reject["raw"]["output"] is None
+    with pytest.raises(DataFileError) as info:
+        read_instructions(path)
+    assert str(info.value) == f"{path}, row 3, field 'output': empty reply (NaN counts as missing)"

@@ -467,3 +467,63 @@ def test_empty_classification_answer_uses_evaluator_default():
     rows = [{"id": "1", "reference": "是的", "output": "", "meta": {"task_dataset": "CHIP-STS",
                                                                     "answer_choices": ["是的", "不是"]}}]
     assert score(rows)["tasks"]["CHIP-STS"]["score"] == 100.0
+
+
+# --------------------------------------------------------------------------------------------
+# Missing values: "nan", "None", "null" and null are missing
+# --------------------------------------------------------------------------------------------
+
+
+def test_promptcblue_nan_target_is_an_empty_target_not_text(tmp_path):
+    rows = [
+        line(sample_id="a"),
+        line(sample_id="b", target="nan"),
+        line(sample_id="c", input="None"),
+        line(sample_id="NULL"),
+        line(sample_id="d", task_dataset="nan"),
+        line(sample_id="e", input=None),
+    ]
+    path = write_lines(tmp_path / "x.json", rows)
+    result = read_promptcblue(path, on_invalid="skip")
+    assert [r.id for r in result.records] == ["a"]
+    tasks = list(PROMPTCBLUE_TASKS)
+    assert [(r["row"], r["field"], r["reason"]) for r in result.rejects] == [
+        (2, "target", "empty target ('nan' counts as missing) (pass require_target=False for unlabelled data)"),
+        (3, "input", "missing or empty prompt ('None' counts as missing)"),
+        (4, "sample_id", "missing or empty ('NULL' counts as missing)"),
+        (5, "task_dataset", f"missing task name ('nan' counts as missing); expected one of {tasks}"),
+        (6, "input", "missing or empty prompt"),
+    ]
+    with pytest.raises(DataFileError) as info:
+        read_promptcblue(path)
+    assert str(info.value) == (
+        f"{path}, row 2, field 'target': empty target ('nan' counts as missing) "
+        "(pass require_target=False for unlabelled data)"
+    )
+    # Without a target requirement the "nan" target is no reply, never the reply "nan".
+    kept = read_promptcblue(write_lines(tmp_path / "y.json", rows[:2]), require_target=False)
+    assert kept.records[1].messages == [{"role": "user", "content": line()["input"]}]
+    assert kept.n_without_target == 1
+
+
+def test_promptcblue_test_file_with_null_and_nan_targets(tmp_path):
+    rows = [line(sample_id="a", target=None), line(sample_id="b", target="NaN"),
+            line(sample_id="c", target="", task_type="null")]
+    result = read_promptcblue(write_lines(tmp_path / "test.json", rows))
+    assert result.test_file and result.n_without_target == 3
+    assert [r.messages for r in result.records] == [[{"role": "user", "content": line()["input"]}]] * 3
+    assert [r.meta["task_type"] for r in result.records] == ["cls", "cls", None]
+
+
+def test_promptcblue_nan_float_target_rejects_file_is_valid_json(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps(line(sample_id="a")) + "\n" + json.dumps(line(sample_id="b", target=float("nan")))
+                    + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    result = convert_promptcblue(path, out, on_invalid="skip")
+    assert [(r["row"], r["field"], r["reason"]) for r in result.rejects] == [
+        (2, "target", "empty target (NaN counts as missing) (pass require_target=False for unlabelled data)"),
+    ]
+    text = default_rejects_path(out).read_text(encoding="utf-8")
+    assert "NaN" not in text.replace("(NaN counts", "")  # no bare NaN token: strict JSON readers accept it
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in rejects"))["raw"]["target"] is None

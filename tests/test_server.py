@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -393,6 +394,214 @@ def test_api_key_enforced():
             oai(url, key="wrong").chat.completions.create(model=MODEL, messages=CHAT)
         chat = oai(url, key=key).chat.completions.create(model=MODEL, messages=CHAT)
         assert chat.choices[0].message.content == REPLIES["发热"]
+
+
+# ---- Host header (DNS rebinding) -------------------------------------------------------------------
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def raw_http(port: int, request: bytes) -> tuple[int, bytes]:
+    """``(status, body)`` for a hand-written request (for what httpx will not send)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_dns_rebinding_host_is_refused():
+    backend = FakeBackend(REPLIES)
+    with serving(backend) as (url, _), http(url) as c:
+        port = port_of(url)
+        for host in ("evil.example", f"evil.example:{port}", "EVIL.example.", "192.168.1.5", f"[2001:db8::1]:{port}"):
+            for response in (c.get("/v1/models", headers={"Host": host}),
+                             c.post("/v1/chat/completions", json=GOOD, headers={"Host": host}),
+                             c.get("/health", headers={"Host": host}),
+                             c.get("/no-such-route", headers={"Host": host})):
+                err = assert_error(response, 421, "host_not_allowed")
+                # the message names the host (without port) and the way to allow it
+                shown = host.lower().rsplit(":", 1)[0].rstrip(".") if not host.startswith("[") else "[2001:db8::1]"
+                assert f"'{shown}'" in err["message"] and f"--allowed-host {shown}" in err["message"]
+        assert backend.calls == []  # nothing reached the model
+        for host in ("[::1", "a b", "::1", "user@localhost", f"localhost:{port}x"):
+            assert_error(c.get("/health", headers={"Host": host}), 400, "invalid_host_header")
+
+
+def test_loopback_hosts_accepted():
+    with serving(FakeBackend(REPLIES)) as (url, _), http(url) as c:
+        port = port_of(url)
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost", "LocalHost.",
+                     "127.0.0.2", "[::1]"):
+            assert c.get("/v1/models", headers={"Host": host}).status_code == 200, host
+            r = c.post("/v1/chat/completions", json=GOOD, headers={"Host": host})
+            assert r.json()["choices"][0]["message"]["content"] == REPLIES["发热"]
+        # HTTP/1.0 clients send no Host; browsers always do, so such a request is not a rebinding.
+        status, body = raw_http(port, b"GET /health HTTP/1.0\r\n\r\n")
+        assert status == 200 and json.loads(body)["status"] == "ok"
+        # the official client, through both loopback spellings
+        for base in (url, url.replace("127.0.0.1", "localhost")):
+            chat = oai(base).chat.completions.create(model=MODEL, messages=CHAT)
+            assert chat.choices[0].message.content == REPLIES["发热"]
+
+
+def test_allowed_hosts_admit_names():
+    with serving(FakeBackend(REPLIES), allowed_hosts=["medtune.lan", "GPU-Box"]) as (url, _), http(url) as c:
+        port = port_of(url)
+        for host in (f"medtune.lan:{port}", "gpu-box", "localhost"):
+            assert c.get("/v1/models", headers={"Host": host}).status_code == 200, host
+        err = assert_error(c.get("/v1/models", headers={"Host": "other.lan"}), 421, "host_not_allowed")
+        assert "medtune.lan" in err["message"]  # the accepted names are listed
+        # bound to loopback, an IP address a client can only have reached through a proxy is refused
+        assert_error(c.get("/v1/models", headers={"Host": "10.0.0.7"}), 421, "host_not_allowed")
+        with pytest.raises(openai.APIStatusError) as info:
+            openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=TIMEOUT,
+                          default_headers={"Host": "other.lan"}).models.list()
+        assert info.value.status_code == 421
+
+    with serving(FakeBackend(REPLIES), allowed_hosts=["*"]) as (url, _), http(url) as c:
+        assert c.get("/v1/models", headers={"Host": "evil.example"}).status_code == 200
+
+
+def test_wildcard_bind_accepts_ip_addresses_not_names():
+    app = create_app(FakeBackend(REPLIES), MODEL, allowed_hosts=["gpu-box.lan"])
+    with background_server(app, host="0.0.0.0") as url:
+        port = port_of(url)
+        with http(f"http://127.0.0.1:{port}") as c:
+            for host in (f"192.0.2.7:{port}", "10.1.2.3", f"[2001:db8::1]:{port}", "localhost", "gpu-box.lan"):
+                assert c.get("/v1/models", headers={"Host": host}).status_code == 200, host
+            err = assert_error(c.get("/v1/models", headers={"Host": f"evil.example:{port}"}), 421,
+                               "host_not_allowed")
+            assert "--allowed-host evil.example" in err["message"] and "any IP address" in err["message"]
+            assert oai(f"http://127.0.0.1:{port}").models.list().data[0].id == MODEL
+
+
+@pytest.mark.parametrize(("bind", "allowed", "refused"), [
+    ("127.0.0.1", ["localhost", "127.0.0.1", "127.9.9.9", "::1"], ["10.0.0.1", "evil.example", "::2"]),
+    ("localhost", ["localhost", "127.0.0.1", "::1"], ["192.168.1.5", "localhost.evil.example"]),
+    ("::1", ["localhost", "127.0.0.1", "::1"], ["2001:db8::1", "evil.example"]),
+    ("0.0.0.0", ["10.0.0.1", "2001:db8::1", "localhost"], ["evil.example", "box.lan"]),
+    ("::", ["10.0.0.1", "2001:db8::1", "localhost"], ["evil.example"]),
+    ("", ["10.0.0.1"], ["evil.example"]),
+    ("192.168.1.5", ["192.168.1.5", "10.0.0.1"], ["evil.example"]),
+    ("Box.LAN", ["box.lan", "10.0.0.1"], ["evil.example"]),  # bound by name: that name is the server's
+])
+def test_host_policy_rules(bind, allowed, refused):
+    from medtune.inference.server import HostPolicy
+
+    policy = HostPolicy()
+    policy.bind(bind)
+    for host in allowed:
+        assert policy.allows(host), (bind, host)
+    for host in refused:
+        assert not policy.allows(host), (bind, host)
+    # a second Host header is ambiguous (h11 refuses it already; other HTTP parsers may not)
+    assert policy.check(["localhost", "evil.example"]).status == 400
+
+
+# ---- Content-Type (cross-site form posts) ----------------------------------------------------------
+
+
+def test_post_requires_json_content_type():
+    backend = FakeBackend(REPLIES)
+    body = json.dumps({"model": MODEL, "prompt": "发热"}).encode()
+    with serving(backend) as (url, _), http(url) as c:
+        refused = [
+            c.post("/v1/completions", data={"model": MODEL, "prompt": "发热"}),  # an HTML form
+            c.post("/v1/completions", content=body, headers={"Content-Type": "text/plain"}),  # enctype=text/plain
+            c.post("/v1/completions", files={"prompt": ("p.txt", b"x")}),  # multipart/form-data
+            c.post("/v1/completions", content=body),  # no Content-Type at all
+            c.post("/v1/chat/completions", content=json.dumps(GOOD).encode(),
+                   headers={"Content-Type": "text/json"}),
+            c.post("/v1/chat/completions", content=json.dumps(GOOD).encode(),
+                   headers={"Content-Type": "application/jsonp"}),
+        ]
+        for r in refused:
+            err = assert_error(r, 415, "unsupported_media_type")
+            assert "application/json" in err["message"]
+        assert "'text/plain'" in refused[1].json()["error"]["message"]
+        assert backend.calls == []
+        for content_type in ("application/json; charset=utf-8", "Application/JSON", "application/json ;charset=UTF-8"):
+            r = c.post("/v1/completions", content=body, headers={"Content-Type": content_type})
+            assert r.json()["choices"][0]["text"] == REPLIES["发热"], content_type
+        assert c.get("/v1/models").status_code == 200  # GETs carry no body and need no Content-Type
+        # and a page cannot get a JSON post through a CORS preflight: none is granted
+        preflight = c.options("/v1/completions", headers={"Origin": "http://evil.example",
+                                                          "Access-Control-Request-Method": "POST",
+                                                          "Access-Control-Request-Headers": "content-type"})
+        assert preflight.status_code == 405
+        assert not any(h.startswith("access-control-") for h in preflight.headers)
+
+    with serving(FakeBackend(REPLIES), api_key="k") as (url, _), http(url) as c:
+        # without the key the client learns only that the key is wrong
+        assert_error(c.post("/v1/completions", content=body, headers={"Content-Type": "text/plain"}), 401,
+                     "invalid_api_key")
+
+
+# ---- context length --------------------------------------------------------------------------------
+
+
+def test_prompt_limit_follows_context_length():
+    backend = FakeBackend(default="长" * 100, context_length=64)  # one token per character
+    with serving(backend) as (url, app), http(url) as c:
+        assert (app.state.max_prompt_tokens, app.state.context_length) == (64, 64)
+
+        def complete(prompt: str, **extra) -> httpx.Response:
+            return c.post("/v1/completions", json={"model": MODEL, "prompt": prompt, **extra})
+
+        err = assert_error(complete("x" * 70), 400, "context_length_exceeded", "prompt")
+        assert "70 tokens" in err["message"] and "64" in err["message"]
+        assert complete("x" * 50, max_tokens=10).json()["usage"] == {
+            "prompt_tokens": 50, "completion_tokens": 10, "total_tokens": 60}
+        assert complete("x" * 54, max_tokens=10).status_code == 200  # exactly the context
+        err = assert_error(complete("x" * 50, max_tokens=20), 400, "context_length_exceeded", "prompt")
+        assert "64" in err["message"] and "70 in all" in err["message"] and "at most 14" in err["message"]
+        err = assert_error(complete("x" * 50, max_tokens=20, stream=True), 400, "context_length_exceeded")
+        chat = [{"role": "user", "content": "x" * 40}]  # 46 tokens once rendered as 用户：…\n助手：
+        err = assert_error(c.post("/v1/chat/completions", json={"model": MODEL, "messages": chat,
+                                                                "max_completion_tokens": 30}),
+                           400, "context_length_exceeded", "messages")
+        assert "max_completion_tokens" in err["message"]
+        assert len(backend.calls) == 2  # the two accepted requests; every refusal came before the model
+
+        # No max_tokens: the default (256) is cut to what the context leaves instead of failing.
+        body = complete("x" * 50).json()
+        assert body["choices"][0]["text"] == "长" * 14 and body["choices"][0]["finish_reason"] == "length"
+        streamed = c.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 60, "stream": True})
+        chunks = [json.loads(e) for e in sse_events(streamed.text)[:-1]]
+        assert "".join(ch["choices"][0]["text"] for ch in chunks) == "长" * 4
+        assert_error(complete("x" * 64), 400, "context_length_exceeded", "prompt")  # no room for a reply
+
+        with pytest.raises(openai.BadRequestError) as info:
+            oai(url).completions.create(model=MODEL, prompt="x" * 50, max_tokens=20)
+        assert info.value.code == "context_length_exceeded"
+
+
+def test_prompt_limit_without_context_length(caplog):
+    with caplog.at_level("WARNING", logger="medtune.inference.server"):
+        app = create_app(FakeBackend(), MODEL)
+    assert (app.state.max_prompt_tokens, app.state.context_length) == (4096, None)
+    assert "does not report its context length" in caplog.text and "4096" in caplog.text
+    # an explicit limit wins over the context length; the context still bounds prompt + max_tokens
+    with serving(FakeBackend(context_length=64), max_prompt_tokens=32) as (url, app), http(url) as c:
+        assert app.state.max_prompt_tokens == 32
+        assert_error(c.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 40}), 400,
+                     "context_length_exceeded", "prompt")
+        assert c.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 32}).status_code == 200
+
+
+def test_create_app_rejects_bad_hosts_and_context_length():
+    for kwargs in ({"allowed_hosts": ["example.lan:8000"]}, {"allowed_hosts": ["http://example.lan"]},
+                   {"allowed_hosts": [""]}, {"allowed_hosts": ["a b"]}):
+        with pytest.raises(ValueError, match="allowed host"):
+            create_app(FakeBackend(), MODEL, **kwargs)
+    for bad in (0, -5, 1.5, True):
+        with pytest.raises(ValueError, match="context_length"):
+            create_app(FakeBackend(context_length=bad), MODEL)
 
 
 # ---- load ------------------------------------------------------------------------------------------

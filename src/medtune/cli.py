@@ -28,10 +28,21 @@ def _quiet_libraries() -> None:
 
 # ---- convert -------------------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Convert a raw data set file to validated records (exam records or conversations)."""
-    from medtune.io import default_rejects_path
+    """Convert a raw data set file to validated records (exam records or conversations).
+
+    Exit status: 0 when at least one record was written; 1 when the file gave no record at all
+    (every row rejected, or no data rows) — the empty records file and the rejects are still
+    written, and a warning on stderr says how many rows were rejected and where their reasons
+    are; 2 for an error (bad path or setting, unreadable file, an invalid row with
+    ``--on-invalid error``), reported by ``main`` as one line.
+    """
+    from medtune.io import check_convert_paths, default_rejects_path
 
     rejects = args.rejects or default_rejects_path(args.out)
+    # Before anything is read: a bad path must not cost a long read, nor leave a records file
+    # written without its rejects. Messages name the option to change.
+    check_convert_paths(args.input, args.out, rejects, out_label="--out",
+                        rejects_label="--rejects" if args.rejects else "rejects file (default; set --rejects)")
     if args.on_invalid is None:
         args.on_invalid = "skip" if args.format == "exam-xlsx" else "error"
     if args.format == "exam-xlsx":
@@ -41,31 +52,39 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise UsageError("exam-xlsx needs --lang zh|en")
         result = convert_exam_xlsx(args.input, args.out, args.lang, sheet=args.sheet,
                                    on_invalid=args.on_invalid, rejects_path=args.rejects)
-        print("\n".join(summary_lines(result, args.input, args.out, args.rejects)))
-        return 0
-    if args.format == "cmexam":
-        from medtune.data.cmexam import convert_cmexam
-
-        result = convert_cmexam(args.input, args.out, on_invalid=args.on_invalid, rejects_path=args.rejects)
-        kept, extra = result.records, f"  {result.n_missing_explanation} records without an explanation (kept)"
-    elif args.format == "promptcblue":
-        from medtune.data.promptcblue import convert_promptcblue
-
-        result = convert_promptcblue(args.input, args.out, on_invalid=args.on_invalid, rejects_path=args.rejects)
         kept = result.records
-        extra = "  tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(result.task_counts.items()))
+        print("\n".join(summary_lines(result, args.input, args.out, args.rejects)))
     else:
-        from medtune.data.instructions import convert_instructions
+        if args.format == "cmexam":
+            from medtune.data.cmexam import convert_cmexam
 
-        result = convert_instructions(args.input, args.out, fmt=args.format, on_invalid=args.on_invalid,
-                                      rejects_path=args.rejects)
-        kept, extra = result.records, ""
-    print(f"{args.input}: {result.n_rows} rows → {len(kept)} records written to {args.out}")
-    if result.rejects:
-        print(f"  {len(result.rejects)} rows rejected (reasons in {rejects})")
-    if extra:
-        print(extra)
-    return 0
+            result = convert_cmexam(args.input, args.out, on_invalid=args.on_invalid, rejects_path=args.rejects)
+            kept, extra = result.records, f"  {result.n_missing_explanation} records without an explanation (kept)"
+        elif args.format == "promptcblue":
+            from medtune.data.promptcblue import convert_promptcblue
+
+            result = convert_promptcblue(args.input, args.out, on_invalid=args.on_invalid,
+                                         rejects_path=args.rejects)
+            kept = result.records
+            extra = "  tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(result.task_counts.items()))
+        else:
+            from medtune.data.instructions import convert_instructions
+
+            result = convert_instructions(args.input, args.out, fmt=args.format, on_invalid=args.on_invalid,
+                                          rejects_path=args.rejects)
+            kept, extra = result.records, ""
+        print(f"{args.input}: {result.n_rows} rows → {len(kept)} records written to {args.out}")
+        if result.rejects:
+            print(f"  {len(result.rejects)} rows rejected (reasons in {rejects})")
+        if extra and kept:
+            print(extra)
+    if kept:
+        return 0
+    # A "success" that wrote an empty file would only fail later, in training, far from the cause.
+    why = (f"all {len(result.rejects)} rows were rejected (reasons in {rejects})" if result.rejects
+           else f"{args.input} has no data rows")
+    print(f"medtune convert: warning: no records: {why}; {args.out} is empty (exit 1)", file=sys.stderr)
+    return 1
 
 
 # ---- data inspect / check ------------------------------------------------------------------------
@@ -274,15 +293,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """OpenAI-compatible HTTP API (FastAPI + uvicorn), localhost unless told otherwise."""
     import os
 
-    from medtune.inference.server import create_app, serve
+    from medtune.inference.server import HostPolicy, create_app, serve
 
+    HostPolicy(args.allowed_hosts)  # a malformed --allowed-host fails now, not after loading the model
     loaded = _load(args, "serve")
     api_key = args.api_key or os.environ.get("MEDTUNE_API_KEY") or None
     app = create_app(loaded.backend, args.model_name or loaded.name, api_key=api_key,
                      max_queue=args.max_queue, max_concurrency=args.max_concurrency,
-                     max_prompt_tokens=args.max_prompt_tokens)
-    print(f"serving {args.model_name or loaded.name} on http://{args.host}:{args.port}/v1 "
+                     max_prompt_tokens=args.max_prompt_tokens, allowed_hosts=args.allowed_hosts)
+    limit, context = app.state.max_prompt_tokens, app.state.context_length
+    if args.max_prompt_tokens is not None:
+        source = "--max-prompt-tokens" + (f"; the model's context length is {context}" if context else "")
+    elif context is not None:
+        source = "the model's context length"
+    else:
+        source = "the model does not report its context length; set --max-prompt-tokens to change it"
+    # serve() records the bind address too; doing it here lets the startup line show the Host rules.
+    app.state.host_policy.bind(args.host)
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {args.model_name or loaded.name} on http://{shown_host}:{args.port}/v1 "
           f"({'API key required' if api_key else 'no API key'})")
+    print(f"prompts up to {limit} tokens ({source}); Host accepted: {app.state.host_policy.describe()}")
     serve(app, host=args.host, port=args.port)
     return 0
 
@@ -372,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    c = sub.add_parser("convert", help="raw data set file → validated records (JSON lines)")
+    c = sub.add_parser("convert", help="raw data set file → validated records (JSON lines)",
+                       epilog="exit status: 0 when records were written; 1 when none were (every row rejected, "
+                              "or no data rows: a warning says where the rejects are); 2 on an error")
     c.add_argument("format", choices=["cmexam", "promptcblue", "exam-xlsx", "alpaca", "sharegpt", "messages",
                                       "preference", "qa", "summary", "auto"],
                    help="source format (auto: detect alpaca/sharegpt/messages/preference/qa/summary from the keys)")
@@ -489,7 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model-name", help="model id clients must send (default: the run folder name)")
     sv.add_argument("--max-queue", type=int, default=8, help="requests admitted at once; more get 429")
     sv.add_argument("--max-concurrency", type=int, default=1, help="generations running at once")
-    sv.add_argument("--max-prompt-tokens", type=int, default=4096)
+    sv.add_argument("--max-prompt-tokens", type=int, default=None,
+                    help="longest prompt accepted (default: the model's context length, else 4096)")
+    sv.add_argument("--allowed-host", action="append", dest="allowed_hosts", metavar="HOST",
+                    help="also answer requests whose Host header is HOST (repeatable; '*' turns the "
+                         "DNS-rebinding check off). localhost and loopback addresses always work, and "
+                         "any IP address when bound to a non-loopback address")
     sv.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     sv.set_defaults(func=cmd_serve)
 

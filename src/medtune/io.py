@@ -1,11 +1,18 @@
-"""Small file helpers: atomic writes, JSON lines reading with line numbers, appending."""
+"""Small file helpers: atomic writes, JSON lines reading with line numbers, appending.
+
+Also the rules every converter shares: which cell or field values count as missing
+(``is_missing``), how an unreadable workbook is reported (``reading_workbook``) and which output
+paths a conversion may write (``check_convert_paths``).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +28,120 @@ class DataFileError(ValueError):
             where += f", field '{field}'"
         super().__init__(f"{where}: {message}")
         self.path, self.row, self.field, self.reason = str(path), row, field, message
+
+
+#: Texts that stand for "no value" (compared after stripping, case-insensitively). They are what
+#: pandas, Python and SQL exports write for an empty cell (``str(float("nan"))``, ``str(None)``,
+#: ``NULL``); a third-party CMExam val.xlsx carries 1,039 explanations and one answer reading
+#: ``nan``. "NA"/"N/A" are deliberately not markers: "Na" (sodium) is a real option text.
+MISSING_MARKERS = frozenset({"nan", "none", "null"})
+
+
+def is_missing(value: Any) -> bool:
+    """Whether a cell or field value means "no value" — the one rule every converter applies.
+
+    Missing are: ``None``; a float NaN (pandas' empty cell, JSON's ``NaN``); text that is empty
+    after stripping whitespace; and text that, stripped, is ``nan``, ``none`` or ``null`` in any
+    case (``MISSING_MARKERS``). Only the whole value is compared: ``"None of the above"`` and
+    ``"A nan"`` are text. Other numbers, booleans, lists and objects are never missing.
+
+    Args:
+        value: A cell or field value as read from CSV, xlsx or JSON.
+
+    Returns:
+        True when the value is missing.
+    """
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, str):
+        text = value.strip()
+        return not text or text.casefold() in MISSING_MARKERS
+    return False
+
+
+def present_text(value: Any) -> str:
+    """``value`` as stripped text, or ``""`` when ``is_missing(value)``.
+
+    Args:
+        value: A cell or field value.
+
+    Returns:
+        The stripped text (``str(value)`` for numbers), ``""`` for a missing value.
+    """
+    return "" if is_missing(value) else str(value).strip()
+
+
+def missing_note(value: Any) -> str:
+    """What to add to a "missing" reason so a reader sees why a non-empty value was missing.
+
+    Args:
+        value: The value as read from the file.
+
+    Returns:
+        ``" ('nan' counts as missing)"`` for a marker text (as written in the file, stripped),
+        ``" (NaN counts as missing)"`` for a float NaN; ``""`` for ``None`` or blank text (an
+        empty cell needs no explanation) and for any value ``is_missing`` does not judge
+        missing (e.g. an answer ``","`` that is empty only once separators are dropped).
+    """
+    if not is_missing(value):
+        return ""
+    if isinstance(value, float):
+        return " (NaN counts as missing)"
+    if isinstance(value, str) and value.strip():
+        return f" ({value.strip()!r} counts as missing)"
+    return ""
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (at any depth) replaced by ``None``.
+
+    ``json.dumps`` writes such floats as the bare tokens ``NaN``/``Infinity``, which are not JSON:
+    a rejects file holding a row's raw values must stay readable by any JSON reader.
+
+    Args:
+        value: A decoded row or cell value (dicts and lists are copied, not changed in place).
+
+    Returns:
+        The same structure, JSON-safe.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [json_safe(item) for item in value]
+    return value
+
+
+@contextmanager
+def reading_workbook(path: str | os.PathLike) -> Iterator[None]:
+    """Turn any failure to parse an ``.xlsx`` file inside the block into one ``DataFileError``.
+
+    A truncated or corrupt workbook fails deep inside zipfile, zlib or an XML parser with
+    ``BadZipFile``, ``zlib.error``, ``KeyError`` (a missing part), ``XMLSyntaxError`` and more,
+    depending on where the damage is; the user only needs to know the file is unreadable.
+    ``OSError`` (missing file, permission, a directory) passes through: its own message names the
+    path and the cause.
+
+    Args:
+        path: The workbook, named in the message.
+
+    Raises:
+        DataFileError: ``"PATH: not a readable .xlsx workbook (TYPE: detail); ..."``.
+    """
+    try:
+        yield
+    except (OSError, DataFileError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure of a damaged file means the same
+        detail = " ".join(str(exc).split()) or "no detail"
+        raise DataFileError(
+            path, None, None,
+            f"not a readable .xlsx workbook ({type(exc).__name__}: {detail}); expected an Excel "
+            "workbook: the file may be truncated or corrupt, re-save it from Excel",
+        ) from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -144,20 +265,62 @@ def default_rejects_path(out_path: str | os.PathLike) -> Path:
     return out_path.with_name(f"{out_path.stem}.rejects.jsonl")
 
 
+def check_convert_paths(
+    input_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    rejects_path: str | os.PathLike | None,
+    out_label: str = "output",
+    rejects_label: str = "rejects output",
+) -> None:
+    """Refuse a conversion whose paths cannot work, before anything is read or written.
+
+    Checked up front because a failure halfway would leave a records file without its rejects
+    (or a bare ``IsADirectoryError`` naming a temp file). A missing input is left to ``open`` so
+    that it raises ``FileNotFoundError`` as usual.
+
+    Args:
+        input_path: The data file to convert.
+        out_path: The records file to write.
+        rejects_path: The rejects file (``None``: ``default_rejects_path(out_path)``).
+        out_label: How messages name the records path (the CLI passes ``"--out"``).
+        rejects_label: How messages name the rejects path (the CLI passes ``"--rejects"``).
+
+    Raises:
+        DataFileError: The input is a directory.
+        ValueError: An output path is the input, a directory, or below a file; or the records
+            and rejects paths are the same. The message names the setting and the path.
+    """
+    src, out = Path(input_path), Path(out_path)
+    rej = Path(rejects_path) if rejects_path is not None else default_rejects_path(out)
+    if src.is_dir():
+        raise DataFileError(src, None, None, "the input is a directory; expected one data file")
+    for label, target, example in ((out_label, out, "records.jsonl"), (rejects_label, rej, "rejects.jsonl")):
+        if target.resolve() == src.resolve():
+            raise ValueError(f"{label} {target} is the input file; refusing to overwrite it")
+        if target.is_dir():
+            raise ValueError(f"{label} {target} is a directory; expected a file path such as {target / example}")
+        # The nearest existing ancestor must be a folder, or the write fails with ENOTDIR.
+        parent = target.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{label} {target} is inside {parent}, which is a file, not a folder")
+    if out.resolve() == rej.resolve():
+        raise ValueError(f"records and rejects would both be written to {out} ({out_label} and {rejects_label})")
+
+
 def convert_file(input_path: str | os.PathLike, out_path: str | os.PathLike,
                  rejects_path: str | os.PathLike | None, read: Any) -> Any:
     """Shared body of every ``convert_*``: ``read(input)`` → records file + rejects file.
 
     ``read`` returns a result with ``records`` (objects with ``to_dict()``) and ``rejects``
-    (dicts). Refuses to overwrite the input; with no rejects, a rejects file left by an earlier
-    run is removed so it cannot be mistaken for this run's.
+    (dicts). The paths are checked first (``check_convert_paths``: never overwrite the input,
+    never write into a directory); with no rejects, a rejects file left by an earlier run is
+    removed so it cannot be mistaken for this run's.
     """
     src, out = Path(input_path), Path(out_path)
     rej = Path(rejects_path) if rejects_path is not None else default_rejects_path(out)
-    if src.resolve() in (out.resolve(), rej.resolve()):
-        raise ValueError(f"refusing to overwrite the input file {src}")
-    if out.resolve() == rej.resolve():
-        raise ValueError(f"records and rejects would both be written to {out}")
+    check_convert_paths(src, out, rej)
     result = read(src)
     write_jsonl(out, (record.to_dict() for record in result.records))
     if result.rejects:

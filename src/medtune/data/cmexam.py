@@ -21,12 +21,18 @@ Ids are the JSON ``id`` when the row has one, else ``f"{file_stem}-{row:05d}"`` 
 runs as long as the file is not reordered. A duplicate id makes the later row invalid.
 
 Every input row ends up either as a record or as a reject; nothing is dropped silently.
+
+Missing values: in every column of every shape, a cell or field that ``medtune.io.is_missing``
+judges missing — empty or blank, JSON ``null``/``NaN``, or the text ``nan``/``None``/``null`` in
+any case, as pandas and spreadsheet exports write for an empty cell — is read as absent: a
+missing explanation is ``""`` (and counted in ``n_missing_explanation``), a missing annotation is
+left out, a missing id is generated, and a missing question, options cell, option text or answer
+rejects the row naming that field. Rows are checked in the order question, options, answer.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import unicodedata
@@ -37,8 +43,18 @@ from typing import Any
 
 import pandas as pd
 
-from medtune.io import DataFileError, convert_file, default_rejects_path, iter_jsonl
-from medtune.records import ExamRecord, RecordError
+from medtune.io import (
+    DataFileError,
+    convert_file,
+    default_rejects_path,
+    is_missing,
+    iter_jsonl,
+    json_safe,
+    missing_note,
+    present_text,
+    reading_workbook,
+)
+from medtune.records import LETTERS, ExamRecord, RecordError
 
 __all__ = [
     "ANNOTATION_COLUMNS",
@@ -151,7 +167,8 @@ def read_cmexam(path: str | os.PathLike, on_invalid: str = "error") -> ConvertRe
         except (_RowError, RecordError) as exc:
             if on_invalid == "error":
                 raise DataFileError(path, raw_row.row, exc.field, exc.reason) from None
-            rejects.append({"row": raw_row.row, "field": exc.field, "reason": exc.reason, "raw": raw_row.raw})
+            raw = json_safe(raw_row.raw)  # a JSON NaN would make the rejects file invalid JSON
+            rejects.append({"row": raw_row.row, "field": exc.field, "reason": exc.reason, "raw": raw})
             continue
         seen_ids[record.id] = raw_row.row
         records.append(record)
@@ -253,12 +270,15 @@ _CANONICAL = {_column_key(c): c for c in (*_REQUIRED_COLUMNS, "Explanation", *AN
 
 
 def _read_table(path: Path, suffix: str) -> pd.DataFrame:
-    # dtype=str + keep_default_na=False: a cell reading "NA" or "None" is text, not a missing value.
+    # dtype=str + keep_default_na=False: pandas keeps every cell as its text, and which texts are
+    # missing is decided in one place (medtune.io.is_missing), the same for every shape —
+    # pandas' own list would make "NA" missing too, and "Na" is a real option text.
     try:
         if suffix == ".csv":
             # utf-8-sig strips the BOM Excel adds when saving CSV as UTF-8.
             return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-        return pd.read_excel(path, dtype=str, keep_default_na=False, engine="openpyxl")
+        with reading_workbook(path):
+            return pd.read_excel(path, dtype=str, keep_default_na=False, engine="openpyxl")
     except UnicodeDecodeError as exc:
         # Re-encoding guesses (GBK, GB18030) can decode garbage without complaint, so ask instead.
         raise DataFileError(
@@ -284,7 +304,7 @@ def _iter_table_rows(path: Path, suffix: str) -> Iterator[_RawRow]:
         )
 
     for index, values in enumerate(frame.itertuples(index=False, name=None)):
-        raw = {str(col): _json_safe(value) for col, value in zip(frame.columns, values, strict=True)}
+        raw = {str(col): value for col, value in zip(frame.columns, values, strict=True)}
         by_col = dict(zip(frame.columns, values, strict=True))
         fields = {
             "question": by_col[columns["Question"]],
@@ -336,8 +356,8 @@ def _json_row(row: int, obj: Any) -> _RawRow:
             name: by_key[_column_key(name)] for name in ANNOTATION_COLUMNS if _column_key(name) in by_key
         },
     }
-    if "id" in by_key and _text(by_key["id"]):
-        fields["id"] = _text(by_key["id"])
+    if "id" in by_key and present_text(by_key["id"]):
+        fields["id"] = present_text(by_key["id"])
     return _RawRow(row=row, raw=obj, fields=fields)
 
 
@@ -348,43 +368,67 @@ def _json_row(row: int, obj: Any) -> _RawRow:
 
 def _to_record(stem: str, raw_row: _RawRow) -> ExamRecord:
     fields = raw_row.fields
+    # Checked in the order question, options, answer (ExamRecord.validate's order), so a row with
+    # several problems always names the same field whatever shape it came in.
+    question = present_text(fields["question"])
+    if not question:
+        raise _RowError("question", "empty question" + missing_note(fields["question"]))
     record = ExamRecord(
         id=fields.get("id") or f"{stem}-{raw_row.row:05d}",
-        question=_text(fields["question"]),
+        question=question,
         options=_parse_options(fields["options"]),
         answer=_normalise_answer(fields["answer"]),
-        explanation=_text(fields["explanation"]),
+        explanation=present_text(fields["explanation"]),
         annotations=_annotations(fields["annotations"]),
     )
-    # validate() checks question/options/answer and puts the answer letters in option order
+    # validate() checks options/answer and puts the answer letters in option order
     # (records.normalise_letters) — after checking membership, so a stray letter is reported
     # rather than silently dropped.
-    return record.validate()
+    try:
+        return record.validate()
+    except RecordError as exc:
+        if exc.field == "answer" and not record.answer:
+            # "no answer" alone would hide that the cell said "nan": name what was found.
+            raise _RowError("answer", exc.reason + missing_note(fields["answer"])) from None
+        raise
 
 
 def _parse_options(value: Any) -> dict[str, str]:
-    """Options as ``{letter: text}`` from a cell string, a ``[{"key", "value"}]`` list or a dict."""
+    """Options as ``{letter: text}`` from a cell string, a ``[{"key", "value"}]`` list or a dict.
+
+    Raises ``_RowError`` (field ``options``) for a missing options cell and for an option whose
+    text is missing, naming the option letter.
+    """
     if isinstance(value, dict):
-        pairs = [(str(k), _text(v)) for k, v in value.items()]
+        pairs = list(value.items())
     elif isinstance(value, list):
         pairs = []
         for position, item in enumerate(value, start=1):
             if not isinstance(item, dict) or "key" not in item:
                 raise _RowError("options", f"option entry {position} is not an object with 'key' and 'value'")
-            pairs.append((str(item["key"]), _text(item.get("value"))))
+            pairs.append((item["key"], item.get("value")))
+    elif is_missing(value):
+        raise _RowError("options", "no options" + missing_note(value))
     else:
-        pairs = _split_option_cell(_text(value))
+        pairs = _split_option_cell(str(value))
 
     options: dict[str, str] = {}
-    for key, text in pairs:
-        letter = unicodedata.normalize("NFKC", key).strip().upper()
+    for key, raw_text in pairs:
+        letter = unicodedata.normalize("NFKC", present_text(key)).upper()
         if letter in options:
             raise _RowError("options", f"duplicate option letter {letter}")
+        text = present_text(raw_text)
+        # A missing option text ("B nan", {"key": "B", "value": null}) rejects the row rather than
+        # training on an option reading "nan"; records.validate would say the same for "", but
+        # only here is the original value known. A key that is no letter A-J is left to validate.
+        if not text and letter in LETTERS:
+            raise _RowError("options", f"option {letter} has no text" + missing_note(raw_text))
         options[letter] = text
     return options
 
 
 def _split_option_cell(cell: str) -> list[tuple[str, str]]:
+    """``(letter, text as written)`` for each option line; texts are judged by ``_parse_options``."""
     # Line breaks arrive as \n, \r\n, \r, or — in some xlsx copies — the literal two characters
     # backslash + n. Option texts never contain a literal backslash-n, so unescaping is safe.
     cell = cell.replace("\\r\\n", "\n").replace("\\n", "\n").replace("\r\n", "\n").replace("\r", "\n")
@@ -398,23 +442,23 @@ def _split_option_cell(cell: str) -> list[tuple[str, str]]:
         match = _OPTION_LINE.match(unicodedata.normalize("NFKC", line[0]) + line[1:])
         if match is None:
             raise _RowError("options", f"unparsable option line {number}: {line!r}")
-        pairs.append((match.group(1), match.group(2).strip()))
+        pairs.append((match.group(1), match.group(2)))
     return pairs
 
 
 def _normalise_answer(value: Any) -> str:
     if isinstance(value, list):  # some JSON copies give multi-answers as ["A", "C"]
-        value = "".join(_text(v) for v in value)
-    answer = unicodedata.normalize("NFKC", _text(value)).upper()
+        value = "".join(present_text(v) for v in value)
+    answer = unicodedata.normalize("NFKC", present_text(value)).upper()
     return _ANSWER_SEPARATORS.sub("", answer)
 
 
 def _annotations(values: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in values.items():
-        text = _text(value)
-        if not text or text.casefold() == "nan":
+        if is_missing(value):
             continue  # an unlabelled cell is "no annotation", not the label "nan"
+        text = present_text(value)
         out[name] = _as_int(text) if name == "Difficulty level" else text
     return out
 
@@ -430,17 +474,3 @@ def _as_int(text: str) -> int | str:
     except ValueError:
         return text
     return int(number) if number.is_integer() else text
-
-
-def _text(value: Any) -> str:
-    """Cell value as stripped text; ``None`` and float NaN (pandas' empty cell) become ``""``."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return str(value).strip()
-
-
-def _json_safe(value: Any) -> Any:
-    # Rejects are written as JSON; NaN is not valid JSON.
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value

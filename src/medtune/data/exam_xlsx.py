@@ -29,6 +29,10 @@ What the parser repairs, and why:
 * Options given out of order (``A．… C．…`` / ``B．… D．…`` two to a line) are put back in A-D
   order under their own labels, so the answer letter still points at the same text.
 
+A cell that ``medtune.io.is_missing`` judges missing (blank, or the text ``nan``/``None``/``null``
+in any case, as pandas exports write for an empty cell) counts as empty: a row whose cells are all
+missing is a blank row, and a missing passage, questions or answers cell rejects the row.
+
 A row is kept only when every question with options has exactly the options A-D, a stem, and
 exactly one answer letter. Answers are matched to questions by number when both sides are
 numbered (a constant offset, e.g. questions 1-4 against answers 21-24, is accepted), otherwise by
@@ -53,17 +57,22 @@ import logging
 import math
 import os
 import re
-import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import openpyxl
-from openpyxl.utils.exceptions import InvalidFileException
 
 from medtune.evaluation.metrics import rouge_l
-from medtune.io import DataFileError, convert_file, default_rejects_path
+from medtune.io import (
+    DataFileError,
+    convert_file,
+    default_rejects_path,
+    is_missing,
+    missing_note,
+    reading_workbook,
+)
 from medtune.records import Conversation, RecordError
 
 __all__ = [
@@ -134,7 +143,11 @@ def _check_lang(lang: str) -> str:
 
 
 def _cell(value: Any) -> str:
-    """Cell value as text; ``None`` (an empty cell) and float NaN become ``""``."""
+    """Cell value as text; ``None`` (an empty cell) and float NaN become ``""``.
+
+    Texts such as ``nan`` are kept here so that rejects show the cell as it was; whether a cell is
+    missing is decided by ``medtune.io.is_missing`` where the row is judged.
+    """
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return str(value)
@@ -707,21 +720,25 @@ def _read_sheet(path: Path, lang: str, sheet: str | None) -> tuple[str, list[tup
     try:
         # openpyxl rather than pandas: pandas silently skips blank rows, so its row numbers drift
         # from the sheet's, and rejects must point at the row a person will open.
-        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+        with reading_workbook(path):
+            book = openpyxl.load_workbook(path, read_only=True, data_only=True)
     except FileNotFoundError:
         raise
-    except (zipfile.BadZipFile, InvalidFileException, KeyError, OSError) as exc:
+    except OSError as exc:  # permissions, a directory: reading_workbook leaves these to us
         raise DataFileError(path, None, None, f"not a readable .xlsx workbook: {exc}") from None
     try:
         try:
             name = select_sheet(list(book.sheetnames), lang, sheet)
         except ValueError as exc:
             raise DataFileError(path, None, None, str(exc)) from None
-        rows = [
-            (number, values)
-            for number, values in enumerate(book[name].iter_rows(values_only=True), start=1)
-            if any(_cell(v).strip() for v in values)
-        ]
+        # read_only mode parses lazily: damage inside a sheet surfaces only while iterating.
+        with reading_workbook(path):
+            # A row whose every cell is missing ("nan" from a pandas export included) is blank.
+            rows = [
+                (number, values)
+                for number, values in enumerate(book[name].iter_rows(values_only=True), start=1)
+                if not all(is_missing(v) for v in values)
+            ]
     finally:
         book.close()
     return name, rows
@@ -747,13 +764,14 @@ def _columns(path: Path, sheet: str, header: tuple[Any, ...]) -> dict[str, int]:
 def _row_record(
     stem: str, lang: str, sheet: str, row: int, cells: dict[str, str], n_questions: int | None
 ) -> tuple[Conversation, int]:
-    passage = _tidy_passage(cells[_PASSAGE], lang)
+    # A cell reading "nan"/"None"/"NULL" (medtune.io.is_missing) is as empty as a blank one.
+    passage = "" if is_missing(cells[_PASSAGE]) else _tidy_passage(cells[_PASSAGE], lang)
     if not passage:
-        raise _RowError(_PASSAGE, "empty passage")
-    if not cells[_QUESTIONS].strip():
-        raise _RowError(_QUESTIONS, "no questions")
-    if not cells[_ANSWERS].strip():
-        raise _RowError(_ANSWERS, "no answers")
+        raise _RowError(_PASSAGE, "empty passage" + missing_note(cells[_PASSAGE]))
+    if is_missing(cells[_QUESTIONS]):
+        raise _RowError(_QUESTIONS, "no questions" + missing_note(cells[_QUESTIONS]))
+    if is_missing(cells[_ANSWERS]):
+        raise _RowError(_ANSWERS, "no answers" + missing_note(cells[_ANSWERS]))
     try:
         questions, dropped = _parse_questions_detailed(cells[_QUESTIONS], lang)
     except QuestionParseError as exc:

@@ -26,6 +26,12 @@ record out, or ``RecordError`` whose ``field`` is the path inside the input row 
 not use are kept in the record's ``meta`` (they never enter the prompt); a ``meta`` object in the
 row is merged into it.
 
+Missing values follow the rule every converter shares (``medtune.io.is_missing``): ``null``, blank
+text and the texts ``nan``/``None``/``null`` in any case count as absent — such an ``input`` or
+``system`` is no input or no system prompt, such a message, instruction or reply is empty (and the
+row is rejected naming the field, with the value found), such an ``id`` is generated, and such a
+value of a key kept in ``meta`` is stored as ``null``.
+
 File readers take JSON lines (row = 1-based physical line; blank lines are skipped but counted) or,
 for ``.json`` files, one JSON array (row = 1-based position). Ids are the row's ``id`` when it has a
 non-empty one, else ``f"{file_stem}-{row:05d}"``; a repeated id makes the later row invalid. With
@@ -41,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medtune.io import DataFileError, convert_file
+from medtune.io import DataFileError, convert_file, is_missing, json_safe, missing_note
 from medtune.records import Conversation, PreferencePair, RecordError
 
 __all__ = [
@@ -189,7 +195,8 @@ def alpaca_to_conversation(row: Mapping[str, Any], record_id: str) -> Conversati
             for j, role in enumerate(("user", "assistant")):
                 if not isinstance(pair[j], str):
                     raise RecordError(f"history[{i}][{j}]", f"expected a string, got {type(pair[j]).__name__}")
-                turns.append(_Turn(role, pair[j], f"history[{i}]", f"history[{i}][{j}]"))
+                text, note = _content(pair[j])
+                turns.append(_Turn(role, text, f"history[{i}]", f"history[{i}][{j}]", note))
 
     # An empty instruction with a non-empty input still makes a prompt; joining would start it
     # with a stray newline, so the input is used alone.
@@ -198,8 +205,8 @@ def alpaca_to_conversation(row: Mapping[str, Any], record_id: str) -> Conversati
         user_field = "instruction" if instruction.strip() else "input"
     else:
         user, user_field = instruction, "instruction"
-    turns.append(_Turn("user", user, user_field, user_field))
-    turns.append(_Turn("assistant", output, "output", "output"))
+    turns.append(_Turn("user", user, user_field, user_field, _note(row, user_field)))
+    turns.append(_Turn("assistant", output, "output", "output", _note(row, "output")))
     _check_turns(turns, list_field="history", require_reply=True)
     return _conversation(record_id, turns, _meta(row, _USED_KEYS["alpaca"]))
 
@@ -260,7 +267,10 @@ def qa_to_conversation(row: Mapping[str, Any], record_id: str) -> Conversation:
     answer = _string(row, "answer", required=True)
     system = _string(row, "system")
     turns = [_Turn("system", system, "system", "system")] if system.strip() else []
-    turns += [_Turn("user", question, "question", "question"), _Turn("assistant", answer, "answer", "answer")]
+    turns += [
+        _Turn("user", question, "question", "question", _note(row, "question")),
+        _Turn("assistant", answer, "answer", "answer", _note(row, "answer")),
+    ]
     _check_turns(turns, list_field="question", require_reply=True)
     return _conversation(record_id, turns, _meta(row, _USED_KEYS["qa"]))
 
@@ -296,11 +306,14 @@ def summary_to_conversation(row: Mapping[str, Any], record_id: str) -> Conversat
             else:
                 raise RecordError(f"dialogue[{i}]", "a turn must be a string or an object")
         dialogue = "\n".join(lines)
-    if not isinstance(dialogue, str) or not dialogue.strip():
-        raise RecordError("dialogue", "expected a non-empty string or list of turns")
+    if not isinstance(dialogue, str) or is_missing(dialogue):
+        raise RecordError("dialogue", "expected a non-empty string or list of turns" + missing_note(dialogue))
     summary = _string(row, "summary", required=True)
     prompt = summary_instruction().replace("{dialogue}", dialogue.strip())
-    turns = [_Turn("user", prompt, "dialogue", "dialogue"), _Turn("assistant", summary, "summary", "summary")]
+    turns = [
+        _Turn("user", prompt, "dialogue", "dialogue"),
+        _Turn("assistant", summary, "summary", "summary", _note(row, "summary")),
+    ]
     _check_turns(turns, list_field="dialogue", require_reply=True)
     return _conversation(record_id, turns, _meta(row, _USED_KEYS["summary"]))
 
@@ -348,7 +361,8 @@ def preference_to_pair(row: Mapping[str, Any], record_id: str) -> PreferencePair
         prompt_field = prompt_key
         value = row[prompt_key]
         if isinstance(value, str):
-            prompt = [_Turn("user", value, prompt_key, prompt_key)]
+            text, note = _content(value)
+            prompt = [_Turn("user", text, prompt_key, prompt_key, note)]
         else:
             prompt = _parse_messages(value, prompt_key)
     prompt = _with_system(prompt, row, prompt_field)
@@ -514,7 +528,7 @@ def _read(path: str | os.PathLike, fmt: str, on_invalid: str, allowed: tuple[str
             fld = None if exc.field == "row" else exc.field
             if on_invalid == "error":
                 raise DataFileError(path, raw_row.row, fld, exc.reason) from None
-            raw = raw_row.obj if raw_row.error is None else {"line": raw_row.text}
+            raw = json_safe(raw_row.obj) if raw_row.error is None else {"line": raw_row.text}
             result.rejects.append({"row": raw_row.row, "field": fld, "reason": exc.reason, "raw": raw})
             continue
         seen[record.id] = raw_row.row
@@ -571,7 +585,7 @@ def _object_row(row: int, obj: Any, text: str) -> _Row:
 
 def _row_id(obj: Mapping[str, Any], stem: str, row: int) -> str:
     value = obj.get("id")
-    if value is not None and not isinstance(value, (dict, list)) and str(value).strip():
+    if not is_missing(value) and not isinstance(value, (dict, list)):
         return str(value).strip()
     return f"{stem}-{row:05d}"
 
@@ -589,22 +603,39 @@ class _Turn:
     content: str
     role_field: str
     content_field: str
+    note: str = ""  # " ('nan' counts as missing)" when the content was a missing marker
 
     def message(self) -> dict[str, str]:
         return {"role": self.role, "content": self.content}
 
 
 def _string(row: Mapping[str, Any], key: str, required: bool = False) -> str:
-    """``row[key]`` as text: missing or null → ``""`` (or an error when required)."""
+    """``row[key]`` as text: absent or null → ``""`` (or an error when required).
+
+    A value ``is_missing`` judges missing ("nan", "None", NaN, blank) is ``""``, so the turn
+    checks report it as empty; ``_note`` says what the value was.
+    """
     value = row.get(key)
     if value is None:
         if required:
             raise RecordError(key, "missing")
         return ""
+    if is_missing(value):
+        return ""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise RecordError(key, f"expected a string, got {type(value).__name__}")
     # Numbers appear as answers in QA data ("answer": 42); their text is the answer.
     return value if isinstance(value, str) else str(value)
+
+
+def _note(row: Mapping[str, Any], key: str) -> str:
+    """``missing_note`` for ``row[key]``: what the value was when it counts as missing."""
+    return missing_note(row.get(key))
+
+
+def _content(value: str) -> tuple[str, str]:
+    """Message text and its note: a missing marker ("nan", "None", …) becomes ``""``."""
+    return ("", missing_note(value)) if is_missing(value) else (value, "")
 
 
 def _parse_messages(items: Any, list_field: str) -> list[_Turn]:
@@ -631,9 +662,10 @@ def _parse_messages(items: Any, list_field: str) -> list[_Turn]:
         content = item.get(content_key)
         if content is None:
             raise RecordError(f"{where}.{content_key}", "missing content")
-        if not isinstance(content, str):
+        if not isinstance(content, str) and not is_missing(content):
             raise RecordError(f"{where}.{content_key}", f"expected a string, got {type(content).__name__}")
-        turns.append(_Turn(role, content, f"{where}.{role_key}", f"{where}.{content_key}"))
+        text, note = _content(content)
+        turns.append(_Turn(role, text, f"{where}.{role_key}", f"{where}.{content_key}", note))
     return turns
 
 
@@ -668,7 +700,7 @@ def _check_turns(turns: list[_Turn], list_field: str, require_reply: bool) -> No
         # answer nothing), so it is rejected, not only an empty final reply.
         if not turn.content.strip():
             what = "reply" if turn.role == "assistant" else "user message"
-            raise RecordError(turn.content_field, f"empty {what}")
+            raise RecordError(turn.content_field, f"empty {what}{turn.note}")
     if require_reply and dialogue[-1].role != "assistant":
         raise RecordError(list_field, "the last message must be the assistant's reply")
 
@@ -690,7 +722,7 @@ def _revalidate(validate: Callable[[], Any], fld: str) -> Any:
 def _reply(value: Any, fld: str, prompt: list[_Turn]) -> str:
     """Reply text from a string, one assistant message, or a list ending with one."""
     if isinstance(value, str):
-        text = value
+        text, note = _content(value)
     elif isinstance(value, (dict, list)):
         turns = _parse_messages(value, fld)
         if len(turns) > 1:
@@ -702,13 +734,13 @@ def _reply(value: Any, fld: str, prompt: list[_Turn]) -> str:
                 )
         if turns[-1].role != "assistant":
             raise RecordError(turns[-1].role_field, f"the reply must be the assistant's, got {turns[-1].role}")
-        text = turns[-1].content
+        text, note = turns[-1].content, turns[-1].note
     elif value is None:
         raise RecordError(fld, "missing")
     else:
         raise RecordError(fld, f"expected a string or message(s), got {type(value).__name__}")
     if not text.strip():
-        raise RecordError(fld, "empty reply")
+        raise RecordError(fld, "empty reply" + note)
     return text
 
 
@@ -725,5 +757,6 @@ def _meta(row: Mapping[str, Any], used: set[str]) -> dict[str, Any]:
     # are kept for filtering and reporting; they never enter the prompt.
     for key, value in row.items():
         if key not in used:
-            meta.setdefault(str(key), value)
+            # A kept label reading "nan" would be mistaken for the label "nan" when filtering.
+            meta.setdefault(str(key), None if is_missing(value) else value)
     return meta

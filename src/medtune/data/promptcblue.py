@@ -22,6 +22,12 @@ Accepted variations, all seen in the wild:
   only. With ``require_target=True`` (the default) an empty target is an error, *unless every*
   line of the file has an empty target: that is a test file, and it is accepted as one.
 
+Missing values follow the rule every converter shares (``medtune.io.is_missing``): ``null``, blank
+text and the texts ``nan``/``None``/``null`` in any case count as absent. A missing target is an
+empty target (so a test split whose targets all read ``null`` or ``nan`` is still a test file); a
+missing ``input``, ``sample_id`` or task name rejects the line naming that field; a missing
+``task_type`` is stored as ``None``.
+
 Row numbers are 1-based physical line numbers (blank lines are skipped but counted), so an error
 message points at the line an editor shows. Every non-blank line ends up either as a record or
 as a reject; nothing is dropped silently.
@@ -36,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medtune.io import DataFileError, convert_file
+from medtune.io import DataFileError, convert_file, is_missing, json_safe, missing_note
 from medtune.records import Conversation, RecordError
 
 __all__ = [
@@ -144,7 +150,7 @@ def read_promptcblue(
         except json.JSONDecodeError as exc:
             parsed.append((lineno, {"line": line}, _RowError(None, f"invalid JSON: {exc.msg}")))
     targets = [obj.get("target") for _, obj, err in parsed if err is None and isinstance(obj, dict)]
-    test_file = bool(targets) and all(isinstance(t, str) and not t.strip() for t in targets)
+    test_file = bool(targets) and all(is_missing(t) for t in targets)
     allow_empty = test_file or not require_target
 
     records: list[Conversation] = []
@@ -161,7 +167,7 @@ def read_promptcblue(
         except (_RowError, RecordError) as exc:
             if on_invalid == "error":
                 raise DataFileError(path, lineno, exc.field, exc.reason) from None
-            rejects.append({"row": lineno, "field": exc.field, "reason": exc.reason, "raw": obj})
+            rejects.append({"row": lineno, "field": exc.field, "reason": exc.reason, "raw": json_safe(obj)})
             continue
         seen[record.id] = lineno
         records.append(record)
@@ -235,33 +241,37 @@ def _to_record(obj: Any, allow_empty_target: bool) -> Conversation:
     if task_field is None:
         raise _RowError("task_dataset", "missing (expected 'task_dataset' or 'type')")
     task = obj[task_field]
+    if is_missing(task):
+        raise _RowError(task_field, "missing task name" + missing_note(task)
+                        + f"; expected one of {list(PROMPTCBLUE_TASKS)}")
     if not isinstance(task, str) or task.strip() not in PROMPTCBLUE_TASKS:
         # Scoring dispatches on the task name, so an unknown name would fail only much later.
         raise _RowError(task_field, f"unknown task {task!r}; expected one of {list(PROMPTCBLUE_TASKS)}")
 
     sample_id = obj.get("sample_id")
-    if sample_id is None or isinstance(sample_id, (dict, list, bool)) or not str(sample_id).strip():
-        raise _RowError("sample_id", "missing or empty")
+    if is_missing(sample_id) or isinstance(sample_id, (dict, list, bool)) or not str(sample_id).strip():
+        raise _RowError("sample_id", "missing or empty" + missing_note(sample_id))
 
     prompt = obj.get("input")
+    if "input" in obj and is_missing(prompt):
+        raise _RowError("input", "missing or empty prompt" + missing_note(prompt))
     if not isinstance(prompt, str):
         raise _RowError("input", "missing or not a string")
-    if not prompt.strip():
-        raise _RowError("input", "empty prompt")
 
-    target = obj.get("target", "")
-    if target is None:
-        target = ""
-    if not isinstance(target, str):
+    raw_target = obj.get("target", "")
+    if not (is_missing(raw_target) or isinstance(raw_target, str)):
         raise _RowError("target", "not a string")
-    if not target.strip() and not allow_empty_target:
-        raise _RowError("target", "empty target (pass require_target=False for unlabelled data)")
+    target = "" if is_missing(raw_target) else raw_target
+    if not target and not allow_empty_target:
+        raise _RowError(
+            "target", f"empty target{missing_note(raw_target)} (pass require_target=False for unlabelled data)"
+        )
 
     choices = obj.get("answer_choices")
     if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
         raise _RowError("answer_choices", "expected a list of strings or null")
 
-    task_type = obj.get("task_type")
+    task_type = None if is_missing(obj.get("task_type")) else obj.get("task_type")
     if task_type is not None and not isinstance(task_type, str):
         raise _RowError("task_type", "expected a string or null")
 

@@ -21,6 +21,9 @@ class Backend(Protocol):
     """Generates continuations for already-rendered prompts."""
 
     name: str
+    # The longest sequence (prompt plus generated tokens) the model handles, or None when unknown.
+    # The server derives its default prompt limit from it.
+    context_length: int | None
 
     def generate(
         self, prompts: list[str], params: GenerationParams, add_special_tokens: bool = True
@@ -76,14 +79,17 @@ class FakeBackend:
     """Deterministic backend for tests: answers from a lookup, else a fixed reply.
 
     ``replies`` maps a prompt substring to the output returned for any prompt containing it.
-    Tokens are characters.
+    Tokens are characters. ``context_length`` plays the model's maximum sequence length (None:
+    unknown, as for a model whose config does not say).
     """
 
     name = "fake"
 
-    def __init__(self, replies: dict[str, str] | None = None, default: str = "无法回答"):
+    def __init__(self, replies: dict[str, str] | None = None, default: str = "无法回答",
+                 context_length: int | None = None):
         self.replies = replies or {}
         self.default = default
+        self.context_length = context_length
         self.calls: list[list[str]] = []
 
     def _reply(self, prompt: str, params: GenerationParams) -> str:

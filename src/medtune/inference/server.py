@@ -19,6 +19,16 @@ Generation never runs on the event loop: backend calls go to worker threads, at 
 waiting). Anything beyond that is answered 429 at once instead of piling up, so a client can back
 off and retry. Every error is returned in OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``.
+
+Without an API key, a web page the user visits could still reach a local server: by DNS
+rebinding (its own name made to resolve to 127.0.0.1) or by a cross-site form post. Two checks
+close that: the ``Host`` header must name this server (:class:`HostPolicy`, else 421), and POST
+bodies must be sent as ``application/json`` (else 415), a type a page cannot send to another
+origin without a CORS preflight, which this server never grants.
+
+Prompts are limited to the model's context length unless told otherwise, and a request whose
+prompt plus ``max_tokens`` would not fit the context is refused with 400
+``context_length_exceeded`` before it reaches the model.
 """
 
 from __future__ import annotations
@@ -34,8 +44,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -45,7 +55,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from medtune.inference.base import GenerationParams
 from medtune.inference.chat import chat_prompt
@@ -57,6 +67,7 @@ DEFAULT_MAX_TOKENS = 256
 MAX_CHOICES = 4  # n; each choice costs a full generation
 MAX_STOP_STRINGS = 4  # OpenAI's own limit
 MAX_BODY_BYTES = 8 * 1024 * 1024  # far above any prompt max_prompt_tokens allows; stops memory abuse
+DEFAULT_PROMPT_TOKENS = 4096  # the prompt limit when neither the caller nor the backend gives one
 
 # Roles a chat template understands; OpenAI's newer "developer" role is the system prompt renamed.
 _ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -106,6 +117,194 @@ class APIError(Exception):
 def _bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
     """A 400 ``invalid_request_error``."""
     return APIError(400, message, param=param, code=code)
+
+
+# ---- where a request comes from: Host and Content-Type ---------------------------------------------
+
+# Characters of a DNS name or IPv4 address; anything else in a Host header is malformed.
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an IP address, or None when it is a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _parse_host(value: str) -> tuple[str, str] | None:
+    """``(host, port)`` from a Host header value, the host lowercased and unbracketed.
+
+    Accepts ``name``, ``name:port``, ``1.2.3.4[:port]`` and ``[v6][:port]`` (RFC 9110 §7.2). A
+    trailing dot is dropped (``localhost.`` is ``localhost`` to DNS). Returns None when the value
+    is not of that form: a bare IPv6 address, a user-info part, spaces, an empty name.
+    """
+    value = value.strip().lower()
+    if value.startswith("["):
+        host, bracket, port = value[1:].partition("]")
+        if not bracket or not isinstance(_ip(host), ipaddress.IPv6Address):
+            return None
+        if port and not port.startswith(":"):
+            return None
+        port = port[1:]
+    else:
+        host, _, port = value.partition(":")
+        host = host.removesuffix(".")
+        if not host or not set(host) <= _NAME_CHARS or ":" in port:
+            return None
+    if port and not port.isdigit():
+        return None
+    return host, port
+
+
+def _is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    ip = _ip(host)
+    return ip is not None and ip.is_loopback
+
+
+class HostPolicy:
+    """Which ``Host`` header values the server answers: the defence against DNS rebinding.
+
+    A page on ``evil.example`` can make its own name resolve to 127.0.0.1 and then read the
+    responses of a server there as same-origin ones; its requests still say ``Host:
+    evil.example``, and that is what is refused. The rules, port ignored (a rebinding attack
+    targets the right port anyway, and proxies rewrite it):
+
+    - ``localhost`` and loopback addresses (``127.0.0.1``, ``[::1]``) are always accepted: a
+      browser never lets a page's DNS decide where they point.
+    - Bound to anything but loopback (``0.0.0.0``, ``::``, a LAN address), any IP-address Host is
+      accepted too, since an address cannot be rebound; a name the server was bound to by name is
+      accepted as well. Other names must be listed in ``allowed_hosts``.
+    - ``"*"`` in ``allowed_hosts`` accepts every Host: no protection, for servers behind a proxy
+      that checks Host itself.
+    - A request without a Host header (HTTP/1.0) is accepted: browsers always send one, so such
+      a request cannot come from a page.
+
+    Until :meth:`bind` is called (:func:`serve` and :func:`background_server` call it), the
+    server is assumed bound to loopback, the strictest rules.
+
+    Args:
+        allowed_hosts: Extra names (or addresses) to accept, case-insensitive, without port.
+
+    Raises:
+        ValueError: An entry is not a host name, an IP address or ``*``.
+    """
+
+    def __init__(self, allowed_hosts: Iterable[str] | None = None):
+        self.any_host = False
+        names: list[str] = []
+        for entry in allowed_hosts or ():
+            if not isinstance(entry, str):
+                raise ValueError(f"allowed host entries must be strings, got {entry!r}")
+            if entry.strip() == "*":
+                self.any_host = True
+                continue
+            # A bare IPv6 address is a natural way to write one here; bracket it to parse.
+            parsed = _parse_host(f"[{entry.strip()}]" if _ip(entry.strip()) else entry)
+            if parsed is None or parsed[1]:
+                raise ValueError(f"allowed host {entry!r} must be a host name or IP address without port "
+                                 "(e.g. example.lan, 192.168.1.5), or '*' for any")
+            names.append(parsed[0])
+        self.names = frozenset(names)
+        self.bind_host: str | None = None
+
+    def bind(self, host: str) -> None:
+        """Record the address the server listens on (as given to uvicorn); the rules depend on it."""
+        host = host.strip().lower().strip("[]").removesuffix(".")
+        self.bind_host = host or "0.0.0.0"  # "" binds every interface, as 0.0.0.0 does
+
+    @property
+    def loopback_only(self) -> bool:
+        """True when the server is (assumed) reachable through loopback only."""
+        return self.bind_host is None or _is_loopback(self.bind_host)
+
+    def allows(self, host: str) -> bool:
+        """Whether a normalised Host (from :func:`_parse_host`) is accepted."""
+        if self.any_host or host in self.names or _is_loopback(host):
+            return True
+        if self.loopback_only:
+            return False
+        return host == self.bind_host or _ip(host) is not None
+
+    def check(self, values: list[str]) -> APIError | None:
+        """The error for a request with these Host header values, None when it may proceed."""
+        if not values or (len(values) == 1 and not values[0].strip()):
+            return None  # HTTP/1.0 (or an empty Host): not something a browser sends
+        if len(values) > 1:
+            return APIError(400, "the request has more than one Host header", code="invalid_host_header")
+        parsed = _parse_host(values[0])
+        if parsed is None:
+            return APIError(400, f"the Host header {values[0][:200]!r} is malformed", code="invalid_host_header")
+        host = parsed[0]
+        if self.allows(host):
+            return None
+        shown = f"[{host}]" if ":" in host else host
+        return APIError(
+            421,
+            f"Host '{shown}' is not allowed on this server (protection against DNS rebinding); accepted: "
+            f"{self.describe()}. To serve this name, start the server with --allowed-host {shown} "
+            "(create_app(allowed_hosts=[...]) in Python).",
+            code="host_not_allowed",
+        )
+
+    def describe(self) -> str:
+        """The accepted Host values in words, for errors and the startup line."""
+        if self.any_host:
+            return "any Host ('*': no DNS-rebinding protection)"
+        accepted = ["localhost", "127.0.0.1", "[::1]"]
+        if self.bind_host is not None and not self.loopback_only:
+            accepted[1:] = ["any IP address"]
+            if _ip(self.bind_host) is None:
+                accepted.append(self.bind_host)  # bound by name
+        accepted += sorted(f"[{n}]" if ":" in n else n for n in self.names)
+        return ", ".join(accepted)
+
+
+class _HostGuard:
+    """ASGI middleware answering requests whose Host the policy refuses, before any routing.
+
+    It sits outside the routes so that nothing, not even a 404 or ``/health``, is answered to a
+    rebound page.
+    """
+
+    def __init__(self, app: ASGIApp, policy: HostPolicy):
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            values = [v.decode("latin-1") for k, v in scope["headers"] if k == b"host"]
+            error = self.policy.check(values)
+            if error is not None:
+                logger.warning("refused a request for Host %s (%s)", ", ".join(map(repr, values)), error.code)
+                if scope["type"] == "websocket":
+                    # Closing before accepting answers the handshake with 403.
+                    await send({"type": "websocket.close", "code": 1008})
+                else:
+                    await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _require_json(request: Request) -> None:
+    """415 unless a request with a body declares it ``application/json``.
+
+    Parameters (``; charset=utf-8``) are allowed. Refusing the other types matters for security:
+    a page can post ``text/plain``, form or multipart bodies to any origin without a CORS
+    preflight, but ``application/json`` triggers one, which this server never answers.
+    """
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return
+    declared = request.headers.get("content-type")
+    media_type = (declared or "").partition(";")[0].strip().lower()
+    if media_type == "application/json":
+        return
+    got = f"got {declared.strip()[:100]!r}" if declared and declared.strip() else "the request has none"
+    raise APIError(415, f"Content-Type must be application/json; {got}", code="unsupported_media_type")
 
 
 # ---- request validation -----------------------------------------------------------------------------
@@ -195,6 +394,7 @@ class _Request:
     messages: list[dict[str, str]] | None  # chat requests
     prompt: str | None  # completion requests
     params: GenerationParams
+    max_tokens_param: str | None  # the field that set max_new_tokens; None: the server's default
     n: int
     stream: bool
     include_usage: bool
@@ -275,7 +475,8 @@ def _parse(body: Any, chat: bool, model_name: str, max_tokens_limit: int) -> _Re
     if stream and n > 1:
         raise _bad("streaming supports n=1 only", "n")
     params = GenerationParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=_stop(body))
-    return _Request(chat, messages, prompt, params, n, stream, include_usage)
+    given = key if body.get(key) is not None else None
+    return _Request(chat, messages, prompt, params, given, n, stream, include_usage)
 
 
 # ---- admission and concurrency ----------------------------------------------------------------------
@@ -343,15 +544,21 @@ class _Gate:
 
 @dataclass
 class _Prepared:
-    """The rendered prompt and what it costs."""
+    """The rendered prompt, what it costs, and the decoding settings that fit it."""
 
     text: str
     add_special_tokens: bool
     prompt_tokens: int
+    params: GenerationParams  # the request's, with a defaulted max_tokens cut to the context left
 
 
-def _prepare(backend: Any, req: _Request, max_prompt_tokens: int) -> _Prepared:
-    """Render and measure the prompt (in a worker thread: templates and tokenizers cost CPU)."""
+def _prepare(backend: Any, req: _Request, max_prompt_tokens: int, context_length: int | None) -> _Prepared:
+    """Render and measure the prompt (in a worker thread: templates and tokenizers cost CPU).
+
+    Raises:
+        APIError: 400 ``context_length_exceeded`` when the prompt is over ``max_prompt_tokens``,
+            or the prompt plus an explicit ``max_tokens`` is over ``context_length``.
+    """
     if req.chat:
         try:
             text, add_special = chat_prompt(req.messages or [], getattr(backend, "tokenizer", None))
@@ -363,10 +570,28 @@ def _prepare(backend: Any, req: _Request, max_prompt_tokens: int) -> _Prepared:
     else:
         text, add_special = req.prompt or "", True
     prompt_tokens = backend.count_tokens(text, add_special_tokens=add_special)
+    # OpenAI names the input field as the param of context_length_exceeded, even when max_tokens
+    # is what tipped it over; clients key on the code.
+    where = "messages" if req.chat else "prompt"
     if prompt_tokens > max_prompt_tokens:
-        raise _bad(f"the prompt is {prompt_tokens} tokens; this server accepts at most {max_prompt_tokens}",
-                   "messages" if req.chat else "prompt", code="context_length_exceeded")
-    return _Prepared(text, add_special, prompt_tokens)
+        why = " (the model's context length)" if max_prompt_tokens == context_length else ""
+        raise _bad(f"the prompt is {prompt_tokens} tokens; this server accepts at most {max_prompt_tokens}{why}",
+                   where, code="context_length_exceeded")
+    params = req.params
+    if context_length is not None and prompt_tokens + params.max_new_tokens > context_length:
+        room = context_length - prompt_tokens
+        if room < 1:
+            raise _bad(f"the prompt is {prompt_tokens} tokens, which fills this model's context length of "
+                       f"{context_length} and leaves no room for a reply", where, code="context_length_exceeded")
+        if req.max_tokens_param is not None:
+            raise _bad(f"this model's context length is {context_length} tokens, but the prompt is {prompt_tokens} "
+                       f"tokens and {req.max_tokens_param} asks for {params.max_new_tokens} more "
+                       f"({prompt_tokens + params.max_new_tokens} in all); shorten the prompt or lower "
+                       f"{req.max_tokens_param} to at most {room}", where, code="context_length_exceeded")
+        # No max_tokens given: like OpenAI, generate up to what the context leaves instead of failing
+        # on a default the client never chose.
+        params = replace(params, max_new_tokens=room)
+    return _Prepared(text, add_special, prompt_tokens, params)
 
 
 def _generate(backend: Any, prep: _Prepared, req: _Request) -> list[tuple[str, int]]:
@@ -377,15 +602,16 @@ def _generate(backend: Any, prep: _Prepared, req: _Request) -> list[tuple[str, i
     backend switch its shared tokenizer's padding on, which races with the token counting other
     requests do concurrently (measured: batched calls then fail with "Unable to create tensor").
     """
-    if req.n == 1 or req.params.temperature == 0:
-        texts = backend.generate([prep.text], req.params, add_special_tokens=prep.add_special_tokens) * req.n
+    params = prep.params
+    if req.n == 1 or params.temperature == 0:
+        texts = backend.generate([prep.text], params, add_special_tokens=prep.add_special_tokens) * req.n
     else:
-        texts = [backend.generate([prep.text], req.params, add_special_tokens=prep.add_special_tokens)[0]
+        texts = [backend.generate([prep.text], params, add_special_tokens=prep.add_special_tokens)[0]
                  for _ in range(req.n)]
     counts: dict[str, int] = {}
     for t in texts:
         if t not in counts:
-            counts[t] = _completion_tokens(backend, t, req.params.max_new_tokens)
+            counts[t] = _completion_tokens(backend, t, params.max_new_tokens)
     return [(t, counts[t]) for t in texts]
 
 
@@ -532,8 +758,9 @@ def create_app(
     api_key: str | None = None,
     max_queue: int = 8,
     max_concurrency: int = 1,
-    max_prompt_tokens: int = 4096,
+    max_prompt_tokens: int | None = None,
     max_tokens_limit: int = 2048,
+    allowed_hosts: Iterable[str] | None = None,
 ) -> FastAPI:
     """Build the OpenAI-compatible app around ``backend``.
 
@@ -546,19 +773,40 @@ def create_app(
         api_key: When set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``.
         max_queue: Most requests admitted at once (running plus waiting); more get 429.
         max_concurrency: Most generations running at once.
-        max_prompt_tokens: Longest prompt accepted, in the backend's tokens (400 beyond).
+        max_prompt_tokens: Longest prompt accepted, in the backend's tokens (400 beyond). None:
+            the backend's ``context_length``, or :data:`DEFAULT_PROMPT_TOKENS` when it has none.
         max_tokens_limit: Largest ``max_tokens`` a request may ask for.
+        allowed_hosts: Host names accepted besides the defaults, ``"*"`` for any; see
+            :class:`HostPolicy`. The defaults follow the address given to :func:`serve` or
+            :func:`background_server`; under another ASGI server they are the loopback ones.
 
     Returns:
-        The FastAPI application; run it with :func:`serve` (or any ASGI server).
+        The FastAPI application; run it with :func:`serve` (or any ASGI server). Its ``state``
+        carries ``max_prompt_tokens`` (the limit in force), ``context_length`` (the backend's,
+        or None) and ``host_policy``.
 
     Raises:
-        ValueError: A limit is not a positive integer.
+        ValueError: A limit is not a positive integer, ``backend.context_length`` is neither
+            None nor a positive integer, or an allowed host is not a host name.
     """
+    context_length = getattr(backend, "context_length", None)
+    if context_length is not None and (isinstance(context_length, bool) or not isinstance(context_length, int)
+                                       or context_length < 1):
+        raise ValueError(f"backend.context_length must be a positive integer or None, got {context_length!r}")
+    if max_prompt_tokens is None:
+        max_prompt_tokens = context_length or DEFAULT_PROMPT_TOKENS
+        if context_length is None:
+            logger.warning("the backend does not report its context length; prompts are limited to %d tokens "
+                           "(set max_prompt_tokens to change this)", DEFAULT_PROMPT_TOKENS)
     for name, value in (("max_queue", max_queue), ("max_concurrency", max_concurrency),
                         ("max_prompt_tokens", max_prompt_tokens), ("max_tokens_limit", max_tokens_limit)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if context_length is not None and max_prompt_tokens > context_length:
+        # Allowed (the per-request check still refuses what cannot fit), but likely a mistake.
+        logger.warning("max_prompt_tokens=%d is more than the model's context length (%d)", max_prompt_tokens,
+                       context_length)
+    host_policy = HostPolicy(allowed_hosts)
     if api_key is not None and not api_key:
         raise ValueError("api_key must be non-empty (pass None to serve without one)")
     if tokenizer is not None and getattr(backend, "tokenizer", None) is not tokenizer:
@@ -573,6 +821,11 @@ def create_app(
     app.state.medtune = gate
     app.state.model_name = model_name
     app.state.api_key_required = api_key is not None
+    app.state.max_prompt_tokens = max_prompt_tokens
+    app.state.context_length = context_length
+    app.state.host_policy = host_policy
+    # Outermost of the app's own layers, so a refused Host gets no routing, auth or handler at all.
+    app.add_middleware(_HostGuard, policy=host_policy)
 
     # ---- error handlers: every failure leaves in OpenAI's shape ----
 
@@ -617,7 +870,8 @@ def create_app(
             raise APIError(401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+    # Authentication first: an unauthenticated client learns nothing about what else is wrong.
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key), Depends(_require_json)])
 
     def model_card() -> dict[str, Any]:
         return {"id": model_name, "object": "model", "created": created, "owned_by": OWNER}
@@ -653,7 +907,7 @@ def create_app(
         ticket = gate.admit()
         try:
             try:
-                prep = await anyio.to_thread.run_sync(_prepare, backend, req, max_prompt_tokens)
+                prep = await anyio.to_thread.run_sync(_prepare, backend, req, max_prompt_tokens, context_length)
             except APIError:
                 raise
             except Exception as exc:  # the tokenizer itself failed
@@ -687,7 +941,7 @@ def create_app(
             "usage": _usage(prep.prompt_tokens, completion_tokens),
         }
         for i, (text, tokens) in enumerate(choices):
-            finish = _finish_reason(tokens, req.params.max_new_tokens)
+            finish = _finish_reason(tokens, prep.params.max_new_tokens)
             if req.chat:
                 body["choices"].append({"index": i, "message": {"role": "assistant", "content": text},
                                         "logprobs": None, "finish_reason": finish})
@@ -715,7 +969,7 @@ def create_app(
             # Sent before waiting for a slot, so a queued client sees at once that it was accepted.
             yield _sse(chunk(role=True))
         async with gate.slot():
-            producer = _ThreadedStream(backend, prep, req.params)
+            producer = _ThreadedStream(backend, prep, prep.params)
             producer.start()
             try:
                 while (piece := await producer.next_piece()) is not None:
@@ -726,7 +980,7 @@ def create_app(
                 return
             finally:
                 await producer.close()
-        finish = _finish_reason(producer.completion_tokens, req.params.max_new_tokens)
+        finish = _finish_reason(producer.completion_tokens, prep.params.max_new_tokens)
         yield _sse(chunk(finish=finish))
         if req.include_usage:
             yield _sse({"id": cid, "object": obj, "created": stamp, "model": model_name, "choices": [],
@@ -765,13 +1019,11 @@ class _WithTokenizer:
 # ---- running it -------------------------------------------------------------------------------------
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def _bind_policy(app: FastAPI, host: str) -> None:
+    """Tell the app's Host check (when it has one) which address it is about to be served on."""
+    policy = getattr(app.state, "host_policy", None)
+    if policy is not None:
+        policy.bind(host)
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
@@ -785,6 +1037,7 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: st
     """
     import uvicorn
 
+    _bind_policy(app, host)
     if not _is_loopback(host) and not getattr(app.state, "api_key_required", False):
         logger.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
     # A bounded graceful shutdown: open streams would otherwise keep Ctrl+C waiting indefinitely.
@@ -813,6 +1066,7 @@ def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
     """
     import uvicorn
 
+    _bind_policy(app, host)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must be IPPROTO_TCP explicitly: asyncio enables TCP_NODELAY only on sockets that say so,
     # and without it each keep-alive response stalls ~40 ms (Nagle against delayed ACKs).

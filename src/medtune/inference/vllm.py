@@ -31,6 +31,20 @@ def _require_vllm() -> Any:
     return vllm
 
 
+def _max_model_len(llm: Any) -> int | None:
+    """The engine's maximum sequence length (prompt plus output), None if this vLLM hides it.
+
+    ``llm_engine.model_config.max_model_len`` is where vLLM keeps the resolved limit (the model's
+    own, or a smaller ``max_model_len`` override), the one it enforces itself; ``LLM.model_config``
+    is looked at too in case a release moves it.
+    """
+    for owner in (getattr(llm, "llm_engine", None), llm):
+        value = getattr(getattr(owner, "model_config", None), "max_model_len", None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 class VLLMBackend:
     """vLLM engine with an optional LoRA adapter."""
 
@@ -43,6 +57,7 @@ class VLLMBackend:
         self.llm = vllm.LLM(model=model_path, dtype=dtype, trust_remote_code=trust_remote_code,
                             enable_lora=adapter_path is not None, max_lora_rank=max_lora_rank)
         self.tokenizer = self.llm.get_tokenizer()
+        self.context_length = _max_model_len(self.llm)
         self._lora = None
         if adapter_path:
             from vllm.lora.request import LoRARequest
