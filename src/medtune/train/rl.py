@@ -102,6 +102,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     from datasets import Dataset
 
     from medtune.adapters import peft_config_for, total_optimizer_steps
+    from medtune.inference.virtual_tokens import use_virtual_token_generation
     from medtune.models import load_for_training, training_tokenizer
 
     # ---- run directory: create, or find the checkpoint to resume from -------------------------
@@ -164,6 +165,9 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         callbacks=callbacks,
         peft_config=peft_config,
     )
+    # TRL samples completions with model.generate, which for prefix/prompt tuning must go through
+    # the trained virtual tokens (peft's own generate loses them under transformers 5).
+    use_virtual_token_generation(trainer.model)
 
     # ---- record what this run is, before the (long) training starts --------------------------------
     if trainer.is_world_process_zero():
