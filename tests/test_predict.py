@@ -22,7 +22,7 @@ from medtune.io import (
 )
 from medtune.templates import get_template
 
-KEYS = ["id", "question", "options", "answer", "explanation", "annotations", "template", "prompt", "output"]
+KEYS = ["id", "question", "options", "answer", "explanation", "annotations", "template", "prompt", "output", "source"]
 
 
 @pytest.fixture
@@ -132,7 +132,7 @@ def test_duplicate_ids_rejected(records, tmp_path):
     out = tmp_path / "predictions.jsonl"
     dup = [*records[:3], dataclasses.replace(records[3], id=records[0].id)]
     backend = FakeBackend()
-    with pytest.raises(ValueError, match="not unique"):
+    with pytest.raises(ValueError, match=r"1 id\(s\) occur more than once: .val_sample-00001. \(records 1, 4\)"):
         predict(dup, backend, "qa", out, progress=False)
     assert backend.calls == []
     assert not out.exists()
@@ -240,3 +240,100 @@ def test_complete_last_line_without_newline_is_kept(tmp_path, sample_records):
     stats = predict(records, backend, "qa", out, progress=False)
     assert stats["already_done"] == 10 and backend.calls == []
     assert len(out.read_text(encoding="utf-8").splitlines()) == 10
+
+
+# ---- a predictions file continues only as itself (issue: "predict resumes by id only") ------------
+
+def test_rerun_with_another_template_is_refused_naming_it(records, tmp_path):
+    from medtune.inference.predict import PredictionFileError
+
+    out = tmp_path / "p.jsonl"
+    predict(records, _backend(records), "qa", out, progress=False)
+    before = out.read_bytes()
+    backend = _backend(records)
+    with pytest.raises(PredictionFileError, match=r'template.name: "qa" → "analysis_first".*--overwrite'):
+        predict(records, backend, "analysis_first", out, progress=False)
+    assert backend.calls == [] and out.read_bytes() == before
+
+
+def test_rerun_with_other_generation_settings_is_refused(records, tmp_path):
+    from medtune.inference.predict import PredictionFileError
+
+    out = tmp_path / "p.jsonl"
+    predict(records, _backend(records), "qa", out, GenerationParams(max_new_tokens=64), progress=False)
+    with pytest.raises(PredictionFileError, match="generation.max_new_tokens: 64 → 128"):
+        predict(records, _backend(records), "qa", out, GenerationParams(max_new_tokens=128), progress=False)
+
+
+def test_rerun_with_another_model_is_refused_and_overwrite_starts_over(records, tmp_path):
+    from medtune.inference.predict import PredictionFileError, meta_path
+
+    out = tmp_path / "p.jsonl"
+    predict(records, FakeBackend(default="A"), "qa", out, source={"model": {"id": "base"}}, progress=False)
+    with pytest.raises(PredictionFileError, match='model.id: "base" → "tuned"'):
+        predict(records, FakeBackend(default="B"), "qa", out, source={"model": {"id": "tuned"}}, progress=False)
+    assert {row["output"] for row in read_jsonl(out)} == {"A"}  # untouched
+    summary = predict(records, FakeBackend(default="B"), "qa", out, source={"model": {"id": "tuned"}},
+                      overwrite=True, progress=False)
+    assert summary["predicted"] == 10
+    assert {row["output"] for row in read_jsonl(out)} == {"B"}
+    assert json.loads(meta_path(out).read_text())["model"] == {"id": "tuned"}
+
+
+def test_file_without_its_description_is_refused(records, tmp_path):
+    from medtune.inference.predict import PredictionFileError, meta_path
+
+    out = tmp_path / "p.jsonl"
+    predict(records[:3], _backend(records), "qa", out, progress=False)
+    meta_path(out).unlink()  # e.g. written by an older medtune, or by another tool
+    with pytest.raises(PredictionFileError, match=r"already has 3 predictions but no p.meta.json"):
+        predict(records, _backend(records), "qa", out, progress=False)
+
+
+def test_lines_from_another_producer_are_refused(records, tmp_path):
+    from medtune.inference.predict import PredictionFileError
+
+    out = tmp_path / "p.jsonl"
+    predict(records[:3], _backend(records), "qa", out, progress=False)
+    other = tmp_path / "other.jsonl"
+    predict(records[3:4], _backend(records), "qa", other, source={"model": {"id": "x"}}, progress=False)
+    with open(out, "a", encoding="utf-8") as fh:  # someone concatenated two files
+        fh.write(other.read_text(encoding="utf-8"))
+    with pytest.raises(PredictionFileError, match=r"1 line\(s\) \(first: line 4\) were not written by the producer"):
+        predict(records, _backend(records), "qa", out, progress=False)
+
+
+def test_changed_question_is_not_resumed_from_its_old_output(records, tmp_path):
+    from medtune.inference.predict import PredictionFileError
+
+    out = tmp_path / "p.jsonl"
+    predict(records, _backend(records), "qa", out, progress=False)
+    edited = [dataclasses.replace(records[0], question=records[0].question + "（修订）"), *records[1:]]
+    with pytest.raises(PredictionFileError, match=r"line \d+: id 'val_sample-00001' was predicted from a different prompt"):
+        predict(edited, _backend(records), "qa", out, progress=False)
+
+
+def test_second_writer_is_refused_while_the_first_runs(records, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from medtune.inference.predict import PredictionFileError
+
+    out = tmp_path / "p.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from medtune.inference.predict import _exclusive\n"
+         f"with _exclusive(Path({str(out)!r})):\n    print('locked', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        backend = _backend(records)
+        with pytest.raises(PredictionFileError, match=rf"being written by another process \(pid {holder.pid}, lock "):
+            predict(records, backend, "qa", out, progress=False)
+        assert backend.calls == [] and not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.05)
+    assert predict(records, _backend(records), "qa", out, progress=False)["predicted"] == 10  # released on death

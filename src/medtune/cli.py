@@ -148,43 +148,77 @@ def _check_source(args: argparse.Namespace, command: str) -> str | None:
     return run
 
 
+def _resolve(args: argparse.Namespace, command: str, kind: str = "exam"):  # noqa: ANN202 - a loading.Resolved
+    """What ``--run``/``--model``/``--adapter`` name, checked and described, before any weights load."""
+    from medtune.inference.loading import resolve_source
+
+    run = _check_source(args, command)
+    return resolve_source(run=run, model=args.model, adapter=args.adapter, template=args.template,
+                          dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                          backend=getattr(args, "backend", "hf"), kind=kind)
+
+
 def _load(args: argparse.Namespace, command: str, kind: str = "exam"):  # noqa: ANN202 - a loading.Loaded
     from medtune.inference.loading import load_backend
 
-    run = _check_source(args, command)
-    return load_backend(run=run, model=args.model, adapter=args.adapter, template=args.template,
-                        dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                        backend=getattr(args, "backend", "hf"), kind=kind)
+    return load_backend(resolved=_resolve(args, command, kind))
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Generate answers (exam records) or replies (conversations) for a data file, resumably."""
     from medtune.data.exam import detect_kind, load_conversations, load_exam_file
     from medtune.inference.base import GenerationParams
-    from medtune.inference.predict import predict, predict_conversations
+    from medtune.inference.loading import load_backend
+    from medtune.inference.predict import check_resumable, predict, predict_conversations
+    from medtune.inference.provenance import prediction_source
 
     _check_source(args, "predict")
     kind = detect_kind(args.data)
+    duplicates = "keep" if args.dedupe else "error"
     if kind == "exam":
-        records, _ = load_exam_file(args.data)
+        records, _ = load_exam_file(args.data, duplicates=duplicates)
     else:
-        records, _ = load_conversations(args.data, require_reply=False)
+        records, _ = load_conversations(args.data, require_reply=False, duplicates=duplicates)
+    if args.dedupe:
+        records, dropped = drop_identical_repeats(records, args.data)
+        if dropped:
+            print(f"{args.data}: {dropped} repeated rows left out (identical to an earlier row with the same id)")
     if args.limit:
         records = records[: args.limit]
-    loaded = _load(args, "predict", kind)
+    params = GenerationParams(max_new_tokens=args.max_new_tokens)
+    resolved = _resolve(args, "predict", kind)
+    # An --out that this producer may not continue is refused now, not after loading a 7B model.
+    check_resumable(args.out, prediction_source(resolved.source, resolved.template, params, kind), args.overwrite)
+    loaded = load_backend(resolved=resolved)
     run = predict if kind == "exam" else predict_conversations
     stats = run(
         records,
         loaded.backend,
         loaded.template,
         args.out,
-        GenerationParams(max_new_tokens=args.max_new_tokens),
+        params,
         batch_size=args.batch_size,
         tokenizer=getattr(loaded.backend, "tokenizer", None),
+        source=loaded.source,
+        overwrite=args.overwrite,
     )
     print(f"{args.out}: {stats['predicted']} predicted, {stats['already_done']} already there "
           f"(template {loaded.template.name})")
     return 0
+
+
+def drop_identical_repeats(records: list, path: str) -> tuple[list, int]:
+    """Keep the first record of each id; refuse repeats that differ from it (``--dedupe``)."""
+    first: dict[str, object] = {}
+    kept = []
+    for position, rec in enumerate(records, start=1):
+        if rec.id not in first:
+            first[rec.id] = rec
+            kept.append(rec)
+        elif rec.to_dict() != first[rec.id].to_dict():
+            raise UsageError(f"{path}: record {position} has id {rec.id!r} like an earlier record but different "
+                             "content; --dedupe only leaves out identical repeats (give the records distinct ids)")
+    return kept, len(records) - len(kept)
 
 
 # ---- evaluate ---------------------------------------------------------------------------------------
@@ -339,7 +373,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Merge a run's adapter into its base model (safetensors + tokenizer + template), or copy it."""
     from medtune.export import export_run
 
-    out = export_run(args.run_dir, args.out, adapter_only=args.adapter_only, overwrite=args.overwrite)
+    out = export_run(args.run_dir, args.out, adapter_only=args.adapter_only, overwrite=args.overwrite,
+                     trust_remote_code=args.trust_remote_code)
     print(f"exported to {out}")
     return 0
 
@@ -449,11 +484,19 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(pr)
     pr.add_argument("--data", required=True,
                     help="exam records / raw CMExam file, or conversations (records, PromptCBLUE, alpaca, ShareGPT)")
-    pr.add_argument("--out", required=True, help="predictions .jsonl (existing ids are skipped)")
+    pr.add_argument("--out", required=True,
+                    help="predictions .jsonl; a rerun skips the ids already there (NAME.meta.json says what "
+                         "produced them)")
     pr.add_argument("--batch-size", type=int, default=8)
     pr.add_argument("--max-new-tokens", type=int, default=128)
     pr.add_argument("--limit", type=int, help="only the first N records")
     pr.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="vllm: pip install 'medtune[vllm]', GPU")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="start --out over; without it an existing file is continued only if the same model, "
+                         "adapters, template and settings produced it")
+    pr.add_argument("--dedupe", action="store_true",
+                    help="data with repeated ids (e.g. oversampled training rows): predict each id once, leaving "
+                         "out repeats identical to the first (differing repeats are an error)")
     pr.set_defaults(func=cmd_predict)
 
     e = sub.add_parser("evaluate", help="accuracy, F1, BLEU, ROUGE as the CMExam paper computes them")
@@ -544,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True)
     ex.add_argument("--adapter-only", action="store_true", help="copy the adapter (+ tokenizer, template)")
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    ex.add_argument("--trust-remote-code", action="store_true", help="run the base model repository's code")
     ex.set_defaults(func=cmd_export)
 
     i = sub.add_parser("init-tiny-model", help="build a tiny random-weight model + tokenizer locally")

@@ -34,6 +34,7 @@ def export_run(
     adapter_only: bool = False,
     overwrite: bool = False,
     dtype: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Export ``run_dir`` to ``out_dir`` and return ``out_dir``.
 
@@ -47,6 +48,9 @@ def export_run(
         dtype: dtype of the saved weights (``float32``/``bfloat16``/``float16``). ``None``: the base
             model's own dtype from its config, so a bf16 7B model stays bf16. The merge itself is
             computed in float32 on the CPU, so rounding happens once, at the end.
+        trust_remote_code: Allow the base model's own Python code (``--trust-remote-code``). A run
+            trained with ``model.trust_remote_code: true`` is refused without it: the run's
+            config never turns it on by itself.
 
     Returns:
         The export folder.
@@ -60,6 +64,10 @@ def export_run(
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     art = resolve_run(run_dir)  # checks config.yaml and adapter/ or model/ before any heavy work
+    if art.trust_remote_code and not trust_remote_code:
+        raise ExportError(f"{run_dir} was trained with model.trust_remote_code=true: exporting it runs Python "
+                          f"code from {art.model_path}; pass --trust-remote-code if you trust that code")
+    art.trust_remote_code = trust_remote_code
     with open(run_dir / "config.yaml", encoding="utf-8") as fh:
         run_cfg = yaml.safe_load(fh)
     adapter_cfg = _adapter_config(art.adapter_path)

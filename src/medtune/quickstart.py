@@ -19,6 +19,7 @@ from medtune.evaluation.evaluate import evaluate
 from medtune.inference.base import GenerationParams
 from medtune.inference.hf import HFBackend
 from medtune.inference.predict import predict, resolve_run
+from medtune.inference.provenance import model_source
 from medtune.io import write_jsonl
 from medtune.models import build_tiny_model, load_for_inference, tokenizer_corpus
 from medtune.report.markdown import write_report
@@ -92,10 +93,13 @@ def run_quickstart(
     for model_name, adapter in (("base", None), ("tuned", art.adapter_path)):
         model, tokenizer = load_for_inference(art.model_path, adapter, dtype="float32", merge_first=art.merge_first)
         backend = HFBackend(model, tokenizer)
+        source = model_source(art.model_path, adapter, art.merge_first, dtype="float32",
+                              run=run_dir if adapter else None)
         for set_name, records in sets.items():
             label = f"{model_name}-{set_name}"
             pred_path = out / "predictions" / f"{label}.jsonl"
-            predict(records, backend, art.template, pred_path, params, batch_size=16, tokenizer=tokenizer)
+            predict(records, backend, art.template, pred_path, params, batch_size=16, tokenizer=tokenizer,
+                    source=source)
             eval_dirs[label] = out / "eval" / label
 
     # ---- evaluate + report ------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def run_sweep(
             else:
                 pred = out / combo.slug / "predictions.jsonl"
                 predict(records, loaded.backend, loaded.template, pred, GenerationParams(max_new_tokens=max_new_tokens),
-                        batch_size=batch_size, tokenizer=loaded.backend.tokenizer)
+                        batch_size=batch_size, tokenizer=loaded.backend.tokenizer, source=loaded.source)
                 evaluate(pred, eval_dir)
             status = "done"
         else:

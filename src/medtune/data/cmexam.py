@@ -213,11 +213,13 @@ def convert_cmexam(
     return convert_file(input_path, out_path, rejects_path, lambda path: read_cmexam(path, on_invalid=on_invalid))
 
 
-def load_records(path: str | os.PathLike) -> list[ExamRecord]:
+def load_records(path: str | os.PathLike, duplicates: str = "error") -> list[ExamRecord]:
     """Read a records JSON-lines file (as written by ``convert_cmexam``) back into records.
 
     Args:
         path: Records file, one ``ExamRecord`` dict per line.
+        duplicates: ``"error"`` (default) refuses a repeated id; ``"keep"`` returns every line
+            (``predict --dedupe`` then drops identical repeats itself).
 
     Returns:
         The validated records, in file order.
@@ -235,7 +237,7 @@ def load_records(path: str | os.PathLike) -> list[ExamRecord]:
         except (TypeError, ValueError) as exc:
             # e.g. ``annotations`` that is not an object: from_dict's dict() call fails.
             raise DataFileError(path, lineno, None, f"invalid record: {exc}") from None
-        if record.id in seen:
+        if record.id in seen and duplicates != "keep":
             raise DataFileError(
                 path, lineno, "id", f"duplicate id {record.id!r} (first at line {seen[record.id]})"
             )

@@ -9,17 +9,19 @@ from pathlib import Path
 from medtune.records import ExamRecord
 
 
-def load_exam_file(path: str | Path, on_invalid: str = "error") -> tuple[list[ExamRecord], list[dict]]:
+def load_exam_file(path: str | Path, on_invalid: str = "error",
+                   duplicates: str = "error") -> tuple[list[ExamRecord], list[dict]]:
     """Records and rejects from ``path``.
 
     A ``.jsonl`` whose first object has a lowercase ``question`` key is a records file; anything
     else (CSV, xlsx, CMExam-shaped JSON lines) goes through the CMExam converter.
+    ``duplicates="keep"`` lets a records file repeat ids (see ``load_records``).
     """
     from medtune.data.cmexam import load_records, read_cmexam
 
     path = Path(path)
     if path.suffix in (".jsonl", ".json") and _first_keys(path) >= {"question", "options", "answer"}:
-        return load_records(path), []
+        return load_records(path, duplicates=duplicates), []
     result = read_cmexam(path, on_invalid=on_invalid)
     return result.records, result.rejects
 
@@ -62,7 +64,7 @@ def detect_kind(path: str | Path) -> str:
 
 
 def load_conversations(path: str | Path, on_invalid: str = "error",
-                       require_reply: bool = True) -> tuple[list, list[dict]]:
+                       require_reply: bool = True, duplicates: str = "error") -> tuple[list, list[dict]]:
     """Conversation records from a records file, or from a raw instruction/PromptCBLUE file.
 
     Raw shapes are recognised by their keys and converted on the fly: PromptCBLUE
@@ -84,12 +86,17 @@ def load_conversations(path: str | Path, on_invalid: str = "error",
 
         res = read_instructions(path, on_invalid=on_invalid)
         return res.records, res.rejects
-    records, rejects = [], []
+    records, rejects, seen = [], [], {}
     for lineno, obj in iter_jsonl(path):
         try:
-            records.append(Conversation.from_dict(obj, require_reply=require_reply))
+            record = Conversation.from_dict(obj, require_reply=require_reply)
         except RecordError as exc:
             if on_invalid == "error":
                 raise DataFileError(path, lineno, exc.field, exc.reason) from None
             rejects.append({"row": lineno, "field": exc.field, "reason": exc.reason, "raw": obj})
+            continue
+        if record.id in seen and duplicates != "keep":
+            raise DataFileError(path, lineno, "id", f"duplicate id {record.id!r} (first at line {seen[record.id]})")
+        seen.setdefault(record.id, lineno)
+        records.append(record)
     return records, rejects
