@@ -4,9 +4,11 @@ import pytest
 
 from medtune.evaluation.extract import (
     FALLBACK_EXPLANATION_MARKERS,
+    AnswerReading,
     find_explanation,
     parse_robust,
     parse_strict,
+    read_answer,
     split_output,
 )
 
@@ -37,7 +39,8 @@ CASES = [
     ("答案是：(A)(D)", BACTERIA, "AD", "AD"),
     ("正确选项为BD", BACTERIA, "BD", "BD"),
     ("本题应选A和D", BACTERIA, "AD", "AD"),
-    ("答案：ABCDE", BACTERIA, "ABCDE", "ABCDE"),
+    # every option listed is a hedge, not an answer (robust); strict still reads all five
+    ("答案：ABCDE", BACTERIA, "ABCDE", ""),
     # --- full-width and lowercase letters (missed by strict) ---
     ("答案：Ｂ", BACTERIA, "", "B"),
     ("答案：ｂ", BACTERIA, "", "B"),
@@ -78,6 +81,15 @@ CASES = [
     ("这道题考查的是细菌学知识。", BACTERIA, "", ""),
     ("答案：AF", BACTERIA, "A", ""),  # F is not an option key
     ("", BACTERIA, "", ""),
+    # --- hedges are not answers (robust); strict reads every letter ---
+    ("A B C D E\n理由：都有可能", BACTERIA, "ABCDE", ""),
+    ("A或B", BACTERIA, "AB", ""),
+    ("答案：B/C?", BACTERIA, "BC", ""),
+    # --- space-separated multi-answer, JSON, self-correction ---
+    ("A C", BACTERIA, "AC", "AC"),
+    ('{"answer": "B"}', BACTERIA, "B", "B"),
+    ("答案：A\n更正：答案为C", BACTERIA, "AC", "C"),
+    ("ABD（C错误）", BACTERIA, "ABCD", "ABD"),
 ]
 
 
@@ -134,3 +146,50 @@ def test_split_then_parse():
     answer, explanation = split_output("答案：C\n解释：DNA病毒", "答案：", "解释：")
     assert parse_robust(answer, BACTERIA) == "C"
     assert explanation == "DNA病毒"
+
+
+# ---- read_answer: the single entry point (evaluation, chat and the RL reward) -----------------
+
+
+def test_read_answer_reads_the_region_first():
+    reading = read_answer("B\n理由：凝固酶阳性", BACTERIA, None, "理由：")
+    assert reading == AnswerReading("B", "凝固酶阳性", ambiguous=False, method="leading", in_region=True)
+    # nothing in the region → the whole output, and the letters are not from the region
+    reading = read_answer("嗯\n理由：答案是C", BACTERIA, None, "理由：")
+    assert (reading.letters, reading.in_region, reading.explanation) == ("C", False, "答案是C")
+
+
+def test_read_answer_later_correction_wins_and_a_bare_conflict_is_ambiguous():
+    corrected = read_answer("B\n理由：……重新考虑，答案应为C", BACTERIA, None, "理由：")
+    assert (corrected.letters, corrected.ambiguous, corrected.method, corrected.in_region) == (
+        "C", False, "correction", False)
+    final = read_answer("答案：A\n理由：……综上，选C", BACTERIA, "答案：", "理由：")
+    assert (final.letters, final.ambiguous, final.method) == ("C", False, "final")
+    conflict = read_answer("B\n理由：本题答案为C", BACTERIA, None, "理由：")
+    assert (conflict.letters, conflict.ambiguous, conflict.method) == ("", True, "conflict")
+    # the same letter again is no conflict
+    assert read_answer("B\n理由：故选B", BACTERIA, None, "理由：").letters == "B"
+
+
+def test_read_answer_hedges_and_verdict_contradictions():
+    assert read_answer("A B C D E", BACTERIA) == AnswerReading("", "A B C D E", True, "hedge", True)
+    assert read_answer("A/B?", BACTERIA).method == "hedge"
+    # the stated answer is kept, but verdicts that fit neither polarity flag it
+    reading = read_answer("答案：B\nA正确，B正确，C错误", BACTERIA)
+    assert (reading.letters, reading.ambiguous) == ("B", True)
+    # "which one is wrong?" questions: the answer is the option judged wrong -- no flag
+    reading = read_answer("答案：B\nA正确，B错误，C正确", BACTERIA)
+    assert (reading.letters, reading.ambiguous) == ("B", False)
+
+
+def test_read_answer_without_a_template_uses_the_fallback_explanation():
+    reading = read_answer("答案：C\n分析：大肠埃希菌", BACTERIA, fallback_explanation=True)
+    assert (reading.letters, reading.explanation) == ("C", "大肠埃希菌")
+    # with no markers at all the explanation is the whole output (split_output's rule)
+    assert read_answer("答案：C\n分析：大肠埃希菌", BACTERIA).explanation == "答案：C\n分析：大肠埃希菌"
+
+
+def test_parse_robust_is_read_answer_letters():
+    for output in ("答案：D、A", "A或B", '{"answer": ["A", "C"]}', "变异型心绞痛"):
+        for options in (BACTERIA, ANGINA):
+            assert parse_robust(output, options) == read_answer(output, options).letters

@@ -38,6 +38,12 @@ QA = get_template("qa")  # prompt ends with 答案：; explanation marker 理由
     ("AD\n理由：两者皆可", "DA", 1.1),          # multi-answer: exact set, any gold order
     ("A\n理由：只选一个", "AD", 0.1),            # multi-answer: a subset is wrong
     ("ADE\n理由：多选", "AD", 0.1),              # ... and so is a superset
+    ("A B C D E\n理由：都有可能", "C", 0.0),    # every option is a hedge: no answer, no bonus
+    ("C或D\n理由：两者之一", "C", 0.0),          # alternatives are a hedge too
+    ("A D\n理由：两者皆可", "AD", 1.1),          # space-separated multi-answer
+    ('{"answer": "C"}', "C", 1.0),              # JSON answer: right, but not the qa layout
+    ("C\n理由：沿肋间神经分布，故选D", "C", 0.0),  # later final answer D replaces C: wrong, and
+                                                #   the letters no longer come from the answer slot
 ])
 def test_exam_reward_table(output, gold, expected):
     (got,) = exam_reward([output], [OPTS], [gold], QA, format_bonus=0.1)

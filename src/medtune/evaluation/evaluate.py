@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.evaluation.breakdowns import accuracy_breakdowns, confusion_matrix, letter_distribution
-from medtune.evaluation.extract import find_explanation, parse_robust, parse_strict, split_output
+from medtune.evaluation.extract import parse_strict, read_answer, strict_explanation
 from medtune.evaluation.metrics import TOKENIZER_LABELS, answer_scores, explanation_scores
 from medtune.io import DataFileError, atomic_write_json, iter_jsonl, write_jsonl
 from medtune.records import ExamRecord, normalise_letters
@@ -28,23 +28,34 @@ def _template(name: str) -> ExamTemplate | None:
 
 
 def score_item(row: dict[str, Any], parser: str, template: ExamTemplate | None) -> dict[str, Any]:
-    """Parse one prediction: chosen letters and the explanation text that will be scored.
+    """Parse one prediction: chosen letters, the explanation text that will be scored, ambiguity.
 
-    The template says where the answer and explanation sit; without one (predictions from
-    elsewhere) the explanation falls back to the usual markers and the whole output is parsed.
+    ``robust``: :func:`medtune.evaluation.extract.read_answer` with the template's markers (the
+    same reader the chat helpers and the RL reward use); without a template (predictions from
+    elsewhere) the whole output is read and the explanation falls back to the usual markers.
+    ``strict``: the CMExam paper's answer parser and explanation extraction, both on the raw
+    output whatever the template, bugs included; it never flags ambiguity.
+
+    Args:
+        row: A predictions row with ``output``, ``options`` and the (normalised) gold ``answer``.
+        parser: ``"robust"`` or ``"strict"``.
+        template: The template the output was generated with, or ``None`` when unknown.
+
+    Returns:
+        The row plus ``parsed``, ``correct``, ``explanation_scored`` and ``ambiguous``.
     """
     output, options = row["output"], row["options"]
-    if template is not None:
-        answer_region, explanation = split_output(output, template.answer_marker, template.explanation_marker)
-    else:
-        answer_region, explanation = output, find_explanation(output)
     if parser == "strict":
-        parsed = parse_strict(output, options)  # the paper's parser always reads the raw output
+        # The paper's code reads the raw output for both halves; "" is its empty cell → 无答案.
+        parsed, explanation, ambiguous = parse_strict(output, options), strict_explanation(output), False
     else:
-        parsed = parse_robust(answer_region, options)
-        if not parsed and answer_region != output:
-            parsed = parse_robust(output, options)  # the answer may sit outside its expected place
-    return {**row, "parsed": parsed, "correct": parsed == row["answer"], "explanation_scored": explanation}
+        if template is not None:
+            reading = read_answer(output, options, template.answer_marker, template.explanation_marker)
+        else:
+            reading = read_answer(output, options, fallback_explanation=True)
+        parsed, explanation, ambiguous = reading.letters, reading.explanation, reading.ambiguous
+    return {**row, "parsed": parsed, "correct": parsed == row["answer"], "explanation_scored": explanation,
+            "ambiguous": ambiguous}
 
 
 def evaluate(
@@ -90,7 +101,11 @@ def evaluate(
 
 
 def summarise(scored: list[dict[str, Any]], unscorable: list[dict[str, Any]], tokenizer: str | None) -> dict[str, Any]:
-    """Answer metrics, explanation metrics (when ``tokenizer`` is given) and breakdowns."""
+    """Answer metrics, explanation metrics (when ``tokenizer`` is given) and breakdowns.
+
+    ``n_ambiguous`` counts scored rows flagged ``ambiguous`` by the robust reader (rows without
+    the flag, e.g. strict or log-likelihood rows, count as not ambiguous).
+    """
     answers = answer_scores([r["answer"] for r in scored], [r["parsed"] for r in scored])
     results: dict[str, Any] = {k: answers[k] for k in ("accuracy", "f1")}
     if tokenizer is not None and any(str(r.get("explanation") or "").strip() for r in scored):
@@ -103,6 +118,7 @@ def summarise(scored: list[dict[str, Any]], unscorable: list[dict[str, Any]], to
     results.update(
         n=answers["n"],
         n_no_answer=answers["n_no_answer"],
+        n_ambiguous=sum(bool(r.get("ambiguous")) for r in scored),
         n_explanations_scored=explanations["n_explanations_scored"],
         n_explanations_excluded=explanations["n_explanations_excluded"],
         n_unscorable=len(unscorable),

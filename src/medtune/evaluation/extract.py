@@ -3,70 +3,131 @@ r"""Answer extraction for multiple-choice outputs, plus answer/explanation split
 All functions are pure. Answers are letter strings in option order (``"ACD"``); ``""`` means
 "no answer" and is scored as wrong (see docs/METRICS.md).
 
-Two parsers are provided:
+Two parsers are provided.
 
-``parse_strict`` (name: ``strict``)
-    Bug-compatible with the CMExam paper's parser, for reproducing its table: if the output
-    contains ``解释`` only its first line is used, else the whole output; option X is chosen iff
-    the letter X or the first whitespace-separated token of X's text is a substring of that text.
+``strict`` (:func:`parse_strict`, :func:`strict_explanation`)
+    Bug-compatible with the CMExam paper's evaluation code, for reproducing its table.
+    *Answer*: if the output contains ``解释`` only its first line is used, else the whole
+    output; option X is chosen iff the letter X or the first whitespace-separated token of X's
+    text is a substring of that text. *Explanation*: an empty output (the paper's empty CSV
+    cell) becomes the literal ``无答案``; if the output contains ``解释:`` (ASCII colon only)
+    the explanation is ``output.split("解释:")[1].strip()``; otherwise it is the whole output,
+    not stripped. No other marker is recognised.
 
-``parse_robust`` (name: ``robust``, our default)
-    A cascade; the first step that yields an answer wins:
+``robust`` (:func:`read_answer`, :func:`parse_robust`; our default)
+    :func:`read_answer` is the single entry point used by evaluation, the chat helpers and the
+    RL exam reward. It finds the template's answer region (:func:`split_output`), reads it with
+    the cascade below, falls back to the whole output when the region holds no answer, and
+    reports conflicts as ``ambiguous``.
 
-    0. **Normalise** with Unicode NFKC, so full-width letters and punctuation become ASCII
-       (``Ａ``→``A``, ``：``→``:``, ``（``→``(``). Case is *not* folded globally: a lowercase
-       letter only counts as a standalone token in an answer position (steps 1-2), so the
-       letters of English words never become options.
-    1. **Explicit answer markers** (``正确答案``, ``正确选项``, ``答案``, ``答:``, ``选``,
-       ``answer is``, ``answer:``, ``option is``, ...): the letter group right after the marker
-       (allowing fillers such as ``是``/``为``/``应该选``/``:``/``选项``). Markers are tried
-       left to right; the first one followed by a valid, non-negated letter group wins.
-       ``选`` is not a marker in ``选项``, ``不选``, ``首选``, ``筛选``, ``候选``.
-    2. **Leading letter group** at the start of the text (after whitespace, markdown and an
-       optional ``选项``/``option`` prefix), e.g. ``B\n理由：...`` or ``AC。...``.
-    3. **Refusals** (``无法回答``, ``不知道``, ``无法确定``, ``I cannot``, ...) → ``""``.
-       Checked only after steps 1-2, so an explicit answer beats hedging wording elsewhere,
-       but option names mentioned in a refusal are not read as a choice.
-    4. **Option text matched whole**, longest option text first; a match whose span lies inside
-       an already matched (longer) option's span is ignored, so ``心绞痛`` inside
-       ``变异型心绞痛`` does not add a second option. Option texts shorter than two characters
-       only count when they are the whole output (a single character such as ``肝`` occurs in
-       too many words). All non-negated matching options are returned.
-    5. Nothing matched → ``""``.
+    0. **Prepare.** Unicode NFKC (full-width ``Ａ``/``：``/``（`` become ASCII). Case is not
+       folded globally: a lowercase letter only counts standing alone in an answer position.
+       Base-model rambling is removed: a *new question the model invents* (a question line
+       followed by option lines that are not this question's options, or a ``问题：``/
+       ``题目：``/``Question:``/``第2题`` line after the first line) is cut off with
+       everything after it; an invented question at the very start is dropped up to the next
+       blank line. A *restated option list* (three or more ``X. <X's own text>`` entries in a
+       row, separated only by whitespace or punctuation) is blanked, so neither its letters
+       nor its texts are read.
+    1. **JSON** (also inside a code fence): the value of ``answer``/``答案``/``正确答案``/
+       ``正确选项``/``final_answer`` (else ``choice``/``选项``/``option``), given as ``"B"``,
+       ``"A,C"``, ``["A", "C"]`` or an option text. Two different values → ambiguous.
+    2. **Answer statements.** Every explicit answer marker followed by a letter group or an
+       option text is a statement: ``答案``, ``正确答案``, ``正确选项``, ``最终答案``,
+       ``参考答案``, ``答:``, ``选`` (not in ``选项``/``不选``/``首选``/``筛选``/``候选``/
+       ``误选``/``漏选``/``可选``), ``正确的是``, ``应为``/``应该是``, ``可能是``,
+       ``诊断为``, ``考虑为``, ``而是``, ``故``/``因此``/``所以``/``综上``/``总之``/``最终``,
+       ``更正``/``改为``/``改选``, ``answer is``/``answer:``/``option is``/``choose``/
+       ``therefore``; fillers such as ``是``/``为``/``应该选``/``本题``/``:``/``选项``/``**``
+       may sit between. Weak cues count only when the letters end the sentence or line:
+       ``…的是E。``, ``回到本题：E``. A negated marker (``因此不能诊断为…``) and an option text
+       followed by a negation or by CMExam's ``（D错）`` state nothing; after a pure
+       conclusion cue (``故``, ``因此``, ``更正``, ...) only letters count. The letter group
+       at the start of the text (``B\n理由：...``, ``AC。...``) is a statement too, unless it
+       labels an option verdict (``A. 肺炎链球菌 ✗``) or the first line of an option-by-option
+       analysis (``A. 胸部CT——不是首选`` / ``B. …`` / ``C. …``). A statement is *final* when its sentence holds a
+       conclusion cue (``最终``, ``综上``, ``故``, ``因此``, ``所以``, ``therefore``, ...), and
+       *corrected* when a self-correction cue (``更正``, ``重新考虑``, ``改为``, ``不对``,
+       ``错了``, ``actually``, ``wait``, ...) lies between it and the previous statement.
+       Resolution, left to right: a corrected statement replaces the current answer; a final
+       one replaces a tentative one; two different answers of the same rank (or a tentative
+       answer contradicting a final one) are a **conflict** → ``""``, ambiguous. So the last
+       final answer wins over earlier tentative ones.
+    3. **Refusals** (``无法回答``, ``不知道``, ``无法确定``, ``抱歉``, ``作为AI``,
+       ``I cannot``, ...) → ``""``: options a refusal mentions are not read as a choice. Only
+       checked when steps 1-2 found nothing, so an explicit answer beats hedging wording.
+    4. **Option verdicts** (no statement found): option-by-option judgements such as
+       ``A …正确`` / ``B …错误``, ``A. xxx ✓`` / ``B. xxx ✗``, ``A项正确``, ``A错，B对``,
+       ``C正确，A、B、D、E均不正确``, CMExam's ``（D对）``, or an option named by its text at
+       the start of a line or clause (``呋塞米：会引起低钾 ✔``). A bare ``对``/``错`` only
+       counts when the clause ends right after it (``长春新碱对外周神经…`` is no verdict) and a
+       ``×`` between numbers is a multiplication sign. The options judged correct are the
+       answer (questions asking for the *wrong* statement cannot be told apart without the
+       question, so verdicts are read with positive polarity). An option judged both ways →
+       ambiguous. Options judged wrong are excluded from steps 5-6.
+    5. **Bracketed letter ending a sentence**: ``…首选穿刺检查（E）。`` → ``E`` (the last such
+       bracket, skipping ones in a negated clause such as ``不是…（A）``).
+    6. **Option text matched whole**, longest first (a variant without a trailing parenthetical
+       is tried too); a match inside an already matched longer option (``心绞痛`` inside
+       ``变异型心绞痛``) is ignored; a negated match (``排除…``, ``…不是``) is not counted.
+       Texts shorter than two characters only count when they are the whole output. When
+       every option is mentioned (the model restated them all), only options mentioned again
+       count.
+    7. Nothing matched → ``""``.
 
-    Letter-group rules (steps 1-2): forms ``A``, ``AC``, ``A、C``, ``A,C``, ``A/C``, ``A和C``,
-    ``A与C``, ``A 及 C``, ``A and C``, ``(A)``, ``(A)(C)``, ``【A】``, followed by anything such
-    as ``.``/``:``/text. Every letter must be one of the question's option keys, otherwise the
-    whole run is rejected -- this is what keeps ``DNA``, ``HBsAg``, ``B12`` from selecting
-    options. An unseparated run of several letters must be upper case; a lowercase letter must
-    stand alone and not be followed by an English word (``answer is a combination``). At the
-    start of the text a lone ``A`` followed by an English word is the article, and a multi-letter
-    run followed by a CJK character or an English word is a term (``ACE抑制剂``,
-    ``ACE inhibitors``). A letter directly followed by a term suffix (``B超``, ``C反应蛋白``,
-    ``B族``) is not an answer.
+    **Hedges are not answers**: a letter group naming every option of the question
+    (``A B C D E``, ``ABCDE``; so a question whose gold answer is every option can never be
+    scored right), alternatives (``A或B``, ``A or B``, ``A还是B``) and a multi-letter group
+    followed by a question mark (``A/B?``) read as ``""`` with ``ambiguous`` set.
 
-    Negations: a letter group followed by ``均不正确``, ``都不对``, ``错误``, ``不选``, ``排除``,
-    ``is incorrect``, ... is not counted (``A、B均不正确``); an option text preceded by
-    ``排除``/``不是``/``不选``/``并非``/``而非`` or followed by one of those words is not counted.
+    **Ambiguity** (:attr:`AnswerReading.ambiguous`): a hedge; conflicting statements or JSON
+    values (→ ``""``); an option judged both right and wrong; verdicts that contradict the
+    stated answer under either polarity (the answer is kept); or, for a templated output, an
+    answer stated around the answer region (e.g. in the explanation) that differs from the
+    region's answer (→ ``""``, a conflict) -- unless that later statement is final or a
+    self-correction, which then wins (``B\n理由：…更正：答案为C`` → ``C``, not ambiguous).
+    Around the region only letters state answers: an option text in an explanation
+    (``应诊断为房间隔缺损``) is discussion, unless a self-correction cue precedes it.
+
+    Letter-group rules: forms ``A``, ``AC``, ``A、C``, ``A,C``, ``A/C``, ``A C``, ``A和C``,
+    ``A与C``, ``A 及 C``, ``A and C``, ``(A)``, ``(A)(C)``, ``【A】``, ``"B"``, followed by
+    anything (``ABD（C错误）`` reads ``ABD``). Every letter must be an option key, otherwise the
+    whole run is rejected -- this keeps ``DNA``, ``HBsAg``, ``B12`` from selecting options. An
+    unseparated run of several letters must be upper case; a lowercase letter must stand alone
+    and not be followed by an English word (``answer is a combination``). At the start of a
+    text or label a lone ``A`` followed by an English word is the article, and a multi-letter
+    run followed by a CJK character (other than ``项``/``均``/``正确``/...) or an English word
+    is a term (``ACE抑制剂``, ``ACE inhibitors``). A letter glued to a term suffix (``B超``,
+    ``C反应蛋白``, ``B族``) is not an answer.
+
+    Negations: a letter group followed by ``均不正确``, ``都不对``, ``错误``, ``不选``,
+    ``排除``, ``is incorrect``, ... is not an answer (``A、B均不正确``); after a comma only the
+    last letter is negated (``答案：B，C项错误`` → ``B``). An option text preceded by
+    ``排除``/``不是``/``不选``/``并非``/``而非`` or followed by a negation is not counted.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
 
 FALLBACK_EXPLANATION_MARKERS = ("解释:", "解释：", "理由：", "分析：")
+STRICT_NO_ANSWER = "无答案"
+"""What the paper's code puts in place of a missing output (scored as the explanation)."""
 
 # ---------------------------------------------------------------------------------------------
 # strict (paper-compatible)
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_strict(output: str, options: dict[str, str]) -> str:
+def parse_strict(output: str, options: Mapping[str, str]) -> str:
     """Extract an answer exactly like the CMExam paper's parser (bugs included).
 
     Args:
-        output: The raw model output.
+        output: The raw model output (``""`` stands for the paper's empty cell: no answer).
         options: Option letter → option text, in option order.
 
     Returns:
@@ -83,36 +144,235 @@ def parse_strict(output: str, options: dict[str, str]) -> str:
     return "".join(chosen)
 
 
+def strict_explanation(output: str | None) -> str:
+    """Extract the explanation exactly like the CMExam paper's code (bugs included).
+
+    Only ``解释:`` with an ASCII colon is a marker (``解释：``, ``理由：``, ``分析：`` are not).
+
+    Args:
+        output: The raw model output; ``""`` or ``None`` is the paper's empty CSV cell (NaN).
+
+    Returns:
+        ``无答案`` for an empty output; the text between the first and the second ``解释:``,
+        stripped, when the output contains ``解释:``; otherwise the whole output *unstripped*
+        (trailing spaces stay ROUGE tokens, as in the paper).
+    """
+    if not isinstance(output, str) or output == "":
+        return STRICT_NO_ANSWER
+    if "解释:" in output:
+        return output.split("解释:")[1].strip()
+    return output
+
+
 # ---------------------------------------------------------------------------------------------
-# robust (default)
+# robust: result type
 # ---------------------------------------------------------------------------------------------
 
-_MARKER_RE = re.compile(
-    r"正确答案|正确选项|答案|答(?=\s*:)|(?<![不首筛候])选(?!项)"
-    r"|(?:answer|option|choice)\s*(?:is\b|:)",
-    re.IGNORECASE,
-)
-# What may sit between a marker and the letters: "答案应该是：选项 B", "answer is: **B**".
-_FILLER_RE = re.compile(r"(?:选项|option\b|[\s:=*是为為应應该該选選择擇就可能也])*", re.IGNORECASE)
-_LEADING_RE = re.compile(r"[\s*#>\-]*(?:选项|option\b)?\s*", re.IGNORECASE)
-_SEP_RE = re.compile(r"\s*(?:、|,|/|&|\+|和|与|與|以及|及|and\b)\s*", re.IGNORECASE)
+
+@dataclass(frozen=True)
+class AnswerReading:
+    """What :func:`read_answer` read from one output.
+
+    Attributes:
+        letters: Chosen letters in option order; ``""`` when there is no (unhedged) answer.
+        explanation: The explanation text that is scored (see :func:`split_output`).
+        ambiguous: Conflicting answers were found (see the module docstring).
+        method: The step that decided: ``json``, ``marker``, ``final``, ``correction``,
+            ``leading``, ``verdicts``, ``bracket``, ``option_text``, ``hedge``, ``conflict``,
+            ``refusal`` or ``none``.
+        in_region: The letters come from the template's answer region (not from the
+            whole-output fallback or a later self-correction).
+    """
+
+    letters: str
+    explanation: str
+    ambiguous: bool = False
+    method: str = "none"
+    in_region: bool = True
+
+
+@dataclass
+class _Analysis:
+    letters: str = ""
+    method: str = "none"
+    ambiguous: bool = False
+    final: bool = False  # decided by a final-answer or self-correction statement
+    stated: bool = False  # an explicit statement or a JSON answer was found
+
+
+@dataclass
+class _Group:
+    letters: str  # upper case, in reading order
+    start: int
+    end: int
+    alt: bool  # "A或B", "A/B?": alternatives, i.e. a hedge
+    negated: bool
+
+
+@dataclass
+class _Statement:
+    letters: str
+    start: int
+    end: int
+    final: bool
+    hedge: bool
+    leading: bool = False
+    by_text: bool = False  # named by option text, not by letters
+
+
+class _Block(NamedTuple):
+    question: int  # line of the question (the first option line when there is none)
+    first: int
+    last: int
+    question_like: bool
+    foreign: bool  # a question line followed by options that are mostly not ours
+
+
+@dataclass
+class _Context:
+    keys: list[str]  # normalised option keys, in option order
+    keyset: set[str]
+    texts: dict[str, list[str]]  # key → folded option texts (full, then without parenthetical)
+    longest: int = 0  # length of the longest option text
+
+
+# ---------------------------------------------------------------------------------------------
+# robust: patterns (all applied to NFKC-normalised text)
+# ---------------------------------------------------------------------------------------------
+
 _RUN_RE = re.compile(r"[A-Za-z0-9]+")
-_OPEN, _CLOSE = "([【", ")]】"
+_OPEN, _CLOSE = "([【\"'“‘「", ")]】\"'”’」"
 # An English word right after a letter means the letter is prose ("a combination", "A patient").
 _ENGLISH_WORD_AFTER_RE = re.compile(r"[ \t]+(?!(?:and|or|is|are)\b)[a-z]")
 # A letter glued to one of these is part of a medical term (B超, X线, C反应蛋白, B族维生素, B肝).
 _TERM_SUFFIX_RE = re.compile(r"超|线|型|族|反应|细胞|淋巴|因子|受体|抗原|抗体|蛋白|波|肝|类|级")
+# A CJK character that may follow a multi-letter run in a label/answer position ("AC正确",
+# "ABD项"); any other CJK character makes the run a term ("ACE抑制剂").
+_AFTER_RUN_OK_RE = re.compile(r"项|选项|均|都|皆|正确|错误|不正确|不对|对|错|两项|三项|和|与|及|或")
+_AND_SEP_RE = re.compile(
+    r"[ \t]*(?:、|,|/|&|\+|和|与|與|以及|及|(?i:and)\b)[ \t]*"
+    r"|[ \t]+(?=[A-Z](?![A-Za-z]))"  # "A C": space-separated upper-case letters
+)
+_ALT_SEP_RE = re.compile(r"[ \t]*(?:或者|或是|或|还是|抑或|(?i:or)\b)[ \t]*")
+_NEG_WORDS = (
+    r"不完全正确|不正确|不对|错误|错(?![开过失位])|不选|不是|排除|除外|不符合|不符|不考虑"
+    r"|incorrect|wrong|not\b|✗|✘|×|❌"
+)
 _NEG_AFTER_RE = re.compile(
-    r"\s*(?:选项|项)?\s*(?:均|都|皆|也|亦|是|为|are|is)?\s*"
-    r"(?:不正确|不对|错误|错|不选|不是|排除|除外|不符合|incorrect|wrong|not\b)",
+    r"[ \t]*(?:选项|项)?[ \t]*(?:的)?(?:说法|描述|叙述|表述)?[ \t]*(?P<adv>均|都|皆|也|亦|全)?"
+    r"[ \t]*(?:是|为|are\b|is\b)?[ \t]*(?:" + _NEG_WORDS + ")",
     re.IGNORECASE,
 )
-_NEG_BEFORE_RE = re.compile(r"(?:排除|不选|不是|并非|而非|not)\s*(?:选项)?\s*$", re.IGNORECASE)
+_NEG_BEFORE_RE = re.compile(r"(?:排除|不选|不是|并非|而非|不考虑|不属于|not)\s*(?:选项)?\s*$", re.IGNORECASE)
+_NEG_CLAUSE_RE = re.compile(r"不是|排除|而非|并非|不选|不考虑|除外|不属于")
+
+_MARKER_RE = re.compile(
+    r"最终答案|正确答案|正确选项|参考答案|标准答案|答案|答(?=[ \t]*:)"
+    r"|(?<![不首筛候误漏可])选(?!项)"
+    r"|正确的(?:是|为|选项)|应该?(?:是|为)|(?:可能|诊断|考虑)(?:是|为)|而是|的是|故|因此|所以|综上所述|综上|总之|最终"
+    r"|更正|改正|修正|纠正|改为|改选"
+    r"|(?i:(?:final[ \t]+)?answers?\b[ \t]*(?:is\b|:|-)?|(?:option|choice)\b[ \t]*(?:is\b|:)"
+    r"|\bchoose\b|\bselect\b|\bpick\b|\btherefore\b|\bthus\b|\bhence\b)"
+)
+# What may sit between a marker and the letters: "答案应该是：选项 B", "answer is: **B**".
+_FILLER_RE = re.compile(
+    r"(?:选项|选择|本题|此题|该题|的|[ \t\n:=*#>\-是为為应應该該选選择擇就可能也,]"
+    r"|(?i:option|choice|letter|would|should|be|is|are|probably|likely|the|correct|final|answer)\b)*"
+)
+_LEADING_RE = re.compile(r"[\s*#>\-]*(?:选项|(?i:option)\b)?\s*")
+_FINAL_CUE_RE = re.compile(
+    r"最终|综上|故|因此|所以|总之|更正|改正|修正|纠正|改为|改选|(?i:final|therefore|thus|hence|in conclusion)"
+)
+# Markers that only announce a conclusion: an option text after them is a statement of fact
+# ("更正：维生素D同样是脂溶性维生素"), so only letters count there.
+_CUE_ONLY_MARKER_RE = re.compile(r"故|因此|所以|综上所述|综上|总之|最终|更正|改正|修正|纠正")
+# Weak cues: only an answer when the letters end the sentence or line ("鉴别意义最大的是E。",
+# "回到本题：E"), not when they start more prose ("需要鉴别的是C项…").
+_WEAK_MARKER_RE = re.compile(r"的是|:")
+_COLON_RE = re.compile(r":")
+# "因此不能诊断为…", "不应为…": the marker is negated.
+_NEG_MARKER_RE = re.compile(r"(?:不能|不应该?|不可能?|不会|不是|并非|无法|不宜|不)[ \t]*$")
+# CMExam's annotation right after an option text: "法洛四联症（D错）".
+_BRACKET_NEG_RE = re.compile(r"[ \t]*\([ \t]*[A-Z、, ]*[ \t]*(?:错|不对|不正确|×|✗)")
+_ENDS_SENTENCE_RE = re.compile(r"[ \t]*[。.!;,]?[ \t]*(?:\n|$)")
+_CORRECTION_RE = re.compile(
+    r"更正|改正|修正|纠正|改为|改选|重新考虑|重新分析|重新审题|再考虑|再想|再次分析|仔细(?:想|考虑|分析)"
+    r"|(?<![A-Za-z项法述])不对|错了|搞错|看错"
+    r"|(?i:actually|wait\b|correction|on second thought|i was wrong|my mistake)"
+)
 _REFUSAL_RE = re.compile(
-    r"无法回答|无法作答|不知道|无法确定|不能确定|无法判断"
-    r"|I cannot|I can't|I can not|I don't know|unable to (?:answer|determine)",
-    re.IGNORECASE,
+    r"无法回答|无法作答|不能回答|不知道|无法确定|不能确定|无法判断|不能判断|难以判断|难以确定"
+    r"|无法给出|不能给出|无法提供|不能提供|无法选择|我不确定|不太确定|抱歉|作为(?:一个)?(?:AI|人工智能|语言模型)"
+    r"|(?i:I cannot|I can't|I can not|I don't know|I'm not sure|I am not sure|unable to|not able to|as an AI)"
 )
+
+# Option verdicts. A label is a letter group at the start of a line/clause (or "X项" anywhere).
+_LABEL_AT_RE = re.compile(r"(?:^|(?<=[\n;。,:!?、(]))[ \t*#>\-•·]*(?:选项|(?i:option)[ \t]*)?", re.MULTILINE)
+_LABEL_XIANG_RE = re.compile(r"(?<![A-Za-z])(?=[A-Z][ \t]*(?:选项|项))")
+# A bare 对/错/符合 is a verdict only when a clause ends right after it ("A对，B错", "(D对)"):
+# "长春新碱对外周神经…" uses 对 as a preposition. A × between numbers is a multiplication sign.
+_CLAUSE_END = r"(?=[ \t]*(?:[,.;:。、)\]】!?\n]|$))"
+_TIMES = r"(?<![0-9A-Za-z.])×"
+_VERDICT_IMM_RE = re.compile(
+    r"[ \t]*(?:项|选项)?[ \t:.、,)\-—–=>→]*(?:的)?(?:说法|描述|叙述|表述)?[ \t]*(?:均|都|皆|也|亦|全|则)?"
+    r"[ \t]*(?:是|为|(?i:is|are)\b)?[ \t]*"
+    r"(?:(?P<neg>不完全正确|不正确|不对|错误|错" + _CLAUSE_END + r"|不符合(?:题意)?" + _CLAUSE_END
+    + r"|✗|✘|" + _TIMES + r"|❌|(?i:incorrect|wrong|false|not correct)\b)"
+    r"|(?P<pos>正确(?!答案|选项|的是|的选项)|对(?:的)?" + _CLAUSE_END + r"|✓|✔|√|✅|符合(?:题意)?" + _CLAUSE_END
+    + r"|(?i:correct|right|true)\b))"
+)
+_VERDICT_SEG_RE = re.compile(
+    r"(?P<neg>不完全正确|不正确|不对|错误|不符合|✗|✘|" + _TIMES + r"|❌|(?i:incorrect|wrong)\b)"
+    r"|(?P<pos>正确(?!答案|选项|的是|的选项)|✓|✔|√|✅|(?i:correct)\b)"
+)
+_SEGMENT_END_RE = re.compile(r"[\n。;]")
+_LABEL_LINE_RE = re.compile(r"^[ \t*#>\-•·]*(?:选项)?[ \t]*([A-J])[ \t]*(?:[.、:)]|项|选项)[ \t]*\S", re.MULTILINE)
+
+_BRACKET_RE = re.compile(
+    r"[(\[【][ \t]*([A-Z](?:[ \t]*[、,][ \t]*[A-Z])*)[ \t]*(?:项|选项)?[ \t]*[)\]】](?=[ \t]*(?:[。.!;\n]|$))"
+)
+
+_JSON_PAIR_RE = re.compile(
+    r"(?<![A-Za-z_])[\"'“”]?(?P<key>(?i:final_answer|correct_answer|answers?|choices?|options?)|最终答案|正确答案|正确选项|答案|选项|选择)"
+    r"[\"'“”]?[ \t]*[:=][ \t]*"
+    r"(?P<val>\[[^\[\]]*\]|\"[^\"\n]*\"|'[^'\n]*'|“[^”\n]*”|[A-Za-z](?:[ \t]*[,、][ \t]*[A-Za-z])*\b)"
+)
+_JSON_ANSWER_KEYS = {"final_answer", "correct_answer", "answer", "answers", "最终答案", "正确答案", "正确选项", "答案"}
+
+# Invented questions and restated option lists.
+_OPTION_LINE_RE = re.compile(r"^[ \t*#>\-]*[(\[]?([A-J])[)\]]?(?:[ \t]*[.、:)][ \t]*|[ \t]+)(\S.*?)[ \t]*$")
+_INLINE_LABEL_RE = re.compile(r"[ \t][B-J][ \t]*[.、:)]")
+_QUESTION_LINE_RE = re.compile(r"\?|哪|何种|什么|(?:是|为)[ \t]*(?:\([ \t]*\))?[ \t]*:?[ \t]*$")
+_STRONG_CUE_RE = re.compile(
+    r"^[ \t*#>]*(?:(?:问题|题目|试题|例题|(?i:question)|Q)[ \t]*\d*[ \t]*[:.]"
+    r"|下一题|第[ \t]*[一二三四五六七八九十\d]+[ \t]*题)"
+)
+_VERDICT_WORD_RE = re.compile(r"正确|错误|对|错|✓|✗|✔|✘|√|×|❌|✅|(?i:correct|wrong)")
+_LISTING_GAP_RE = re.compile(r"[\s,;、|/]*")
+_GLOSS_RE = re.compile(r"[ \t]*\([^()]*\)")
+_TRAILING_GLOSS_RE = re.compile(r"\s*\([^()]*\)\s*$")
+_LISTING_LABEL_RE = re.compile(r"(?<![a-z])([a-z])[ \t]*[.、:)]?[ \t]*$")  # "a. " before an option text
+_QUESTION_MARK_RE = re.compile(r"[ \t]*\?")
+_LABEL_SKIP_RE = re.compile(r"[ \t]*(?:项|选项)?[ \t.、:)]*")
+_JSON_ITEM_RE = re.compile(r"[\"'“]([^\"'”]*)[\"'”]|([A-Za-z])")
+_NOT_LETTER_RE = re.compile(r"[^A-Z]")
+
+
+# ---------------------------------------------------------------------------------------------
+# robust: helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _nfkc(text: str) -> str:
+    return unicodedata.normalize("NFKC", text)
+
+
+def _fold(text: str) -> str:
+    # casefold, keeping positions aligned with the input (a few characters such as ß grow)
+    folded = text.casefold()
+    if len(folded) == len(text):
+        return folded
+    return "".join(c.casefold() if len(c.casefold()) == 1 else c for c in text)
 
 
 def _is_latin(char: str) -> bool:
@@ -123,11 +383,33 @@ def _is_cjk(char: str) -> bool:
     return "\u4e00" <= char <= "\u9fff" or "\u3400" <= char <= "\u4dbf"
 
 
+def _context(options: Mapping[str, str]) -> _Context:
+    keys = [_nfkc(str(k)).strip().upper() for k in options]
+    texts: dict[str, list[str]] = {}
+    for key, value in zip(keys, options.values(), strict=True):
+        full = _fold(_nfkc(str(value or ""))).strip().rstrip("。.")
+        variants = [full] if full else []
+        # "慢性阻塞性肺疾病(COPD)" is often answered without its parenthetical.
+        core = _TRAILING_GLOSS_RE.sub("", full).strip()
+        if core != full and len(core) >= 2:
+            variants.append(core)
+        texts[key] = variants
+    longest = max((len(v) for vs in texts.values() for v in vs), default=0)
+    return _Context(keys, set(keys), texts, longest)
+
+
+def _is_all(letters: str, ctx: _Context) -> bool:
+    return len(ctx.keys) > 1 and set(letters) == ctx.keyset
+
+
 def _read_item(text: str, pos: int, keys: set[str], leading: bool) -> tuple[str, int] | None:
     """Read one bracketed-or-bare letter run at ``pos``; return (upper-case letters, end)."""
     i = pos
-    if i < len(text) and text[i] in _OPEN:
+    opened = i < len(text) and text[i] in _OPEN
+    if opened:
         i += 1
+        while i < len(text) and text[i] in " \t":
+            i += 1
     if i > 0 and _is_latin(text[i - 1]):
         return None  # the run would start inside a Latin word
     m = _RUN_RE.match(text, i)
@@ -144,78 +426,500 @@ def _read_item(text: str, pos: int, keys: set[str], leading: bool) -> tuple[str,
         return None
     if leading and (run == "A" or len(run) > 1) and prose_after:
         return None  # "A patient ...", "ACE inhibitors ..."
-    if leading and len(run) > 1 and end < len(text) and _is_cjk(text[end]):
+    if leading and len(run) > 1 and end < len(text) and _is_cjk(text[end]) and not _AFTER_RUN_OK_RE.match(text, end):
         return None  # "ACE抑制剂 ..."
     if _TERM_SUFFIX_RE.match(text, end):
         return None
-    if end < len(text) and text[end] in _CLOSE:
+    if opened:
+        while end < len(text) and text[end] in " \t":
+            end += 1
+        if end >= len(text) or text[end] not in _CLOSE:
+            return None  # "(C错误)" is a comment, not a bracketed answer
         end += 1
+    elif end < len(text) and text[end] in ")]】":
+        end += 1  # "A) 肺炎链球菌"
     return run.upper(), end
 
 
-def _read_group(text: str, pos: int, keys: set[str], leading: bool = False) -> tuple[str, int] | None:
-    """Read a letter group (``A``, ``AC``, ``A、C``, ``(A)(C)``...) starting at ``pos``."""
+def _read_group(text: str, pos: int, keys: set[str], leading: bool = False) -> _Group | None:
+    """Read a letter group (``A``, ``AC``, ``A、C``, ``A C``, ``(A)(C)``, ``A或B``...) at ``pos``."""
     item = _read_item(text, pos, keys, leading)
     if item is None:
         return None
-    letters, end = item
+    items, seps = [item], []
+    end = item[1]
     while True:
-        sep = _SEP_RE.match(text, end)
-        nxt = _read_item(text, sep.end(), keys, leading) if sep else None
+        nxt, sep = None, ("and", "")
+        for sep_re, kind in ((_ALT_SEP_RE, "alt"), (_AND_SEP_RE, "and")):
+            m = sep_re.match(text, end)
+            if m and m.end() > end:
+                nxt = _read_item(text, m.end(), keys, leading)
+                if nxt is not None:
+                    sep = (kind, m.group().strip())
+                    break
         if nxt is None and end < len(text) and text[end] in _OPEN:
             nxt = _read_item(text, end, keys, leading)  # "(A)(C)"
         if nxt is None:
-            return letters, end
-        letters += nxt[0]
+            break
+        items.append(nxt)
+        seps.append(sep)
         end = nxt[1]
+    negated = False
+    neg = _NEG_AFTER_RE.match(text, end)
+    if neg:
+        if len(items) > 1 and seps[-1][1] == "," and not neg.group("adv"):
+            items.pop()  # "答案：B，C项错误": the negation belongs to C only
+            seps.pop()
+            end = items[-1][1]
+        else:
+            negated = True
+    letters = "".join(i[0] for i in items)
+    alt = any(kind == "alt" for kind, _ in seps)
+    if len(letters) > 1 and _QUESTION_MARK_RE.match(text, end):
+        alt = True  # "A/B?": the model is asking, not answering
+    return _Group(letters, pos, end, alt, negated)
 
 
-def _from_markers(text: str, keys: set[str]) -> set[str] | None:
-    for marker in _MARKER_RE.finditer(text):
-        group = _read_group(text, _FILLER_RE.match(text, marker.end()).end(), keys)
-        if group and not _NEG_AFTER_RE.match(text, group[1]):
-            return set(group[0])
-    return None
+def _option_text_at(text: str, pos: int, ctx: _Context) -> tuple[str, int] | None:
+    """The option whose text (longest first) starts at ``pos``: ``(key, end)``."""
+    window = _fold(text[pos: pos + ctx.longest])  # folding the whole text each time is quadratic
+    best = None
+    for key in ctx.keys:
+        for variant in ctx.texts[key]:
+            if len(variant) >= 2 and window.startswith(variant) and (best is None or len(variant) > best[1] - pos):
+                best = (key, pos + len(variant))
+    return best
 
 
-def _from_leading(text: str, keys: set[str]) -> set[str] | None:
-    group = _read_group(text, _LEADING_RE.match(text).end(), keys, leading=True)
-    if group and not _NEG_AFTER_RE.match(text, group[1]):
-        return set(group[0])
-    return None
+def _sentence_start(text: str, pos: int) -> int:
+    ends = [text.rfind(b, 0, pos) + len(b) for b in ("。", "!", "?", "\n", ". ") if b in text[:pos]]
+    return max(ends, default=0)
 
 
-def _from_option_texts(text: str, options: dict[str, str]) -> set[str]:
-    folded = text.casefold()
-    whole = folded.strip().rstrip("。.!！")
-    candidates = []
-    for key, option_text in options.items():
-        norm = unicodedata.normalize("NFKC", option_text).casefold().strip().rstrip("。.")
-        if len(norm) >= 2 or (norm and norm == whole):
-            candidates.append((key, norm))
+def _order(letters: str | set[str] | frozenset[str], ctx: _Context) -> str:
+    return "".join(k for k in ctx.keys if k in letters)
+
+
+# ---------------------------------------------------------------------------------------------
+# robust: preparation (invented questions, restated option lists)
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_our_option(line_text: str, ctx: _Context) -> bool:
+    folded = _fold(line_text).strip()
+    if _VERDICT_WORD_RE.search(folded):
+        return True  # a verdict line analyses one of our options
+    for variants in ctx.texts.values():
+        for v in variants:
+            if v and (folded.startswith(v) or (len(folded) >= 2 and v.startswith(folded))):
+                return True
+    return False
+
+
+def _option_blocks(lines: list[str], ctx: _Context) -> list[_Block]:
+    """The option blocks (consecutive option lines) of ``lines``."""
+    blocks = []
+    i = 0
+    while i < len(lines):
+        if not _OPTION_LINE_RE.match(lines[i]):
+            i += 1
+            continue
+        j = i
+        texts = []
+        while j < len(lines) and (m := _OPTION_LINE_RE.match(lines[j])):
+            texts.append(m.group(2))
+            j += 1
+        inline = len(texts) == 1 and _INLINE_LABEL_RE.search(texts[0])
+        if len(texts) >= 2 or inline:
+            ours = sum(_is_our_option(t, ctx) for t in texts)
+            q = i - 1 if i > 0 and lines[i - 1].strip() else i
+            question_like = q < i and bool(_QUESTION_LINE_RE.search(lines[q].strip()))
+            foreign = question_like and ours * 2 < len(texts)
+            blocks.append(_Block(q, i, j - 1, question_like, foreign))
+        i = j
+    return blocks
+
+
+def _answered(lines: list[str], ctx: _Context) -> bool:
+    return bool(_statements("\n".join(lines), ctx, set()))
+
+
+def _cut_invented(text: str, ctx: _Context, after_answer: bool = False) -> str:
+    """Drop questions the model invents (see step 0 of the module docstring)."""
+    while True:
+        lines = text.split("\n")
+        content = [i for i, line in enumerate(lines) if line.strip()]
+        if not content:
+            return text
+        first = content[0]
+        blocks = _option_blocks(lines, ctx)
+        lead = next((b for b in blocks if b.foreign and b.question == first), None)
+        if lead is not None:
+            # Invented question first: drop it with its answer paragraph, then read the rest.
+            j = lead.last + 1
+            while j < len(lines) and lines[j].strip():
+                j += 1
+            text = "\n".join(lines[j:])
+            continue
+        cut = len(lines)
+        for b in blocks:
+            # A new question after the answer was given, even one reusing our options.
+            answered = after_answer or _answered(lines[: b.question], ctx)
+            if b.question > first and (b.foreign or (b.question_like and answered)):
+                cut = min(cut, b.question)
+        for i in range(first + 1, cut):
+            if _STRONG_CUE_RE.match(lines[i]):
+                # A restated copy of *this* question before any answer is not invented.
+                restated = any(i <= b.question <= i + 3 and not b.foreign for b in blocks)
+                if not restated or after_answer or _answered(lines[:i], ctx):
+                    cut = i
+                    break
+        return "\n".join(lines[:cut])
+
+
+def _blank_listings(text: str, ctx: _Context) -> str:
+    """Remove restated option lists (three or more ``X. <X's text>`` entries in a row)."""
+    folded = _fold(text)
+    spans = []
+    for rank, key in enumerate(ctx.keys):
+        if not ctx.texts[key]:
+            continue
+        text_of_key = ctx.texts[key][0]
+        start = folded.find(text_of_key)
+        while start != -1:
+            # An entry is the option's own letter right before its text: "b. 金黄色葡萄球菌".
+            label = _LISTING_LABEL_RE.search(folded, max(0, start - 8), start)
+            if label and label.group(1) == key.casefold():
+                spans.append((label.start(1), start + len(text_of_key), rank))
+            start = folded.find(text_of_key, start + 1)
+    spans.sort()
+    runs, cur = [], []
+    for span in spans:
+        if cur and span[2] > cur[-1][2] and _LISTING_GAP_RE.fullmatch(folded, cur[-1][1], span[0]):
+            cur.append(span)
+        else:
+            runs.append(cur)
+            cur = [span]
+    runs.append(cur)
+    needed = min(3, len(ctx.keys))
+    for run in reversed([r for r in runs if len(r) >= needed]):
+        text = text[: run[0][0]] + "\n" + text[run[-1][1]:]
+    return text
+
+
+def _prepare(text: str, ctx: _Context, after_answer: bool = False) -> str:
+    return _blank_listings(_cut_invented(_nfkc(text), ctx, after_answer), ctx)
+
+
+# ---------------------------------------------------------------------------------------------
+# robust: the steps
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_value(value: str, ctx: _Context) -> _Group | None:
+    value = value.strip()
+    group = _read_group(value, 0, ctx.keyset)
+    if group is not None and not group.negated:
+        return group
+    hit = _option_text_at(value, 0, ctx)
+    return _Group(hit[0], 0, hit[1], False, False) if hit else None
+
+
+def _from_json(text: str, ctx: _Context) -> _Analysis | None:
+    if "{" not in text:
+        return None
+    ranked: dict[int, list[_Group]] = {0: [], 1: []}
+    for m in _JSON_PAIR_RE.finditer(text):
+        raw = m.group("val")
+        if raw.startswith("["):
+            items = _JSON_ITEM_RE.findall(raw[1:-1])
+            raw = ",".join(a or b for a, b in items)
+        else:
+            raw = raw.strip("\"'“”")
+        group = _read_value(raw, ctx)
+        if group is not None:
+            ranked[0 if m.group("key").lower() in _JSON_ANSWER_KEYS else 1].append(group)
+    groups = ranked[0] or ranked[1]
+    if not groups:
+        return None
+    values = {"?" if g.alt or _is_all(g.letters, ctx) else _order(g.letters, ctx) for g in groups}
+    if len(values) > 1:
+        return _Analysis(method="conflict", ambiguous=True, stated=True)
+    (value,) = values
+    if value == "?":
+        return _Analysis(method="hedge", ambiguous=True, stated=True)
+    return _Analysis(letters=value, method="json", stated=True)
+
+
+def _verdicts(text: str, ctx: _Context) -> tuple[set[str], set[str], set[int]]:
+    """Option verdicts: ``(judged correct, judged wrong, label positions that carry a verdict)``."""
+    labels: dict[int, _Group] = {}
+    for pattern in (_LABEL_AT_RE, _LABEL_XIANG_RE):
+        for m in pattern.finditer(text):
+            if m.end() not in labels:
+                group = _read_group(text, m.end(), ctx.keyset, leading=True)
+                if group is None and pattern is _LABEL_AT_RE:
+                    # An option named by its text: "呋塞米：会引起低钾 ✔"
+                    hit = _option_text_at(text, m.end(), ctx)
+                    if hit is not None:
+                        negated = bool(_NEG_AFTER_RE.match(text, hit[1]))
+                        group = _Group(hit[0], m.end(), hit[1], False, negated)
+                if group is not None:
+                    labels[m.end()] = group
+    starts = sorted(labels)
+    pos: set[str] = set()
+    neg: set[str] = set()
+    judged: set[int] = set()
+    for n, start in enumerate(starts):
+        group = labels[start]
+        if group.negated:
+            neg.update(group.letters)
+            judged.add(start)
+            continue
+        q = group.end
+        if len(group.letters) == 1:  # skip the option's own text: "A. 肺炎链球菌：错误"
+            skip = _LABEL_SKIP_RE.match(text, q).end()
+            hit = _option_text_at(text, skip, ctx)
+            if hit and hit[0] == group.letters:
+                q = hit[1]
+        m = _VERDICT_IMM_RE.match(text, q)
+        if m is None:
+            seg_end = _SEGMENT_END_RE.search(text, q)
+            limit = seg_end.start() if seg_end else len(text)
+            if n + 1 < len(starts):
+                limit = min(limit, starts[n + 1])
+            m = _VERDICT_SEG_RE.search(text, q, max(q, limit))
+        if m is not None:
+            (pos if m.group("pos") else neg).update(group.letters)
+            judged.add(start)
+    return pos, neg, judged
+
+
+def _per_option_lines(text: str, lead: int, ctx: _Context) -> bool:
+    """Whether the text opens an option-by-option analysis (``A. 胸部CT——不是首选``, ``B. …``).
+
+    Then its first letter labels a line of analysis and is not an answer.
+    """
+    labels = {m.group(1) for m in _LABEL_LINE_RE.finditer(text) if m.group(1) in ctx.keyset}
+    return len(labels) >= 3 and bool(_LABEL_LINE_RE.match(text, text.rfind("\n", 0, lead) + 1))
+
+
+def _statements(text: str, ctx: _Context, judged: set[int]) -> list[_Statement]:
+    found: dict[int, _Statement] = {}
+    markers = sorted([*_MARKER_RE.finditer(text), *_COLON_RE.finditer(text)], key=lambda m: m.start())
+    for marker in markers:
+        p = _FILLER_RE.match(text, marker.end()).end()
+        if p in found or _NEG_MARKER_RE.search(text, max(0, marker.start() - 4), marker.start()):
+            continue  # "故选B": 故 and 选 lead to the same letters; "不能诊断为" is no answer
+        group = _read_group(text, p, ctx.keyset)
+        weak = bool(_WEAK_MARKER_RE.fullmatch(marker.group()))
+        if weak and (group is None or group.negated or not _ENDS_SENTENCE_RE.match(text, group.end)):
+            continue
+        if group is not None:
+            if group.negated:
+                continue
+            letters, end, hedge = group.letters, group.end, group.alt or _is_all(group.letters, ctx)
+        else:
+            hit = None if _CUE_ONLY_MARKER_RE.fullmatch(marker.group()) else _option_text_at(text, p, ctx)
+            if hit is None or _NEG_AFTER_RE.match(text, hit[1]) or _BRACKET_NEG_RE.match(text, hit[1]):
+                continue
+            letters, end, hedge = hit[0], hit[1], False
+        final = bool(_FINAL_CUE_RE.search(text, _sentence_start(text, marker.start()), p))
+        found[p] = _Statement(_order(letters, ctx), p, end, final, hedge, by_text=group is None)
+    lead = _LEADING_RE.match(text).end()
+    if lead not in found and lead not in judged and not _per_option_lines(text, lead, ctx):
+        group = _read_group(text, lead, ctx.keyset, leading=True)
+        if group is not None and not group.negated:
+            hedge = group.alt or _is_all(group.letters, ctx)
+            found[lead] = _Statement(_order(group.letters, ctx), lead, group.end, False, hedge, leading=True)
+    return [found[p] for p in sorted(found)]
+
+
+def _resolve(text: str, statements: list[_Statement], after_answer: bool = False) -> _Analysis:
+    """Pick the answer among statements: corrections and final answers win, equals conflict.
+
+    ``after_answer``: ``text`` follows an answer given earlier (the template's answer slot), so
+    a correction cue before the first statement corrects that answer.
+    """
+    cur = statements[0]
+    corrected = after_answer and bool(_CORRECTION_RE.search(text, 0, cur.start))
+    cur_final, conflict = cur.final or corrected, False
+    for prev, s in zip(statements, statements[1:], strict=False):
+        fixes = bool(_CORRECTION_RE.search(text, prev.end, s.start))
+        value, cur_value = ("?" if s.hedge else s.letters), ("?" if cur.hedge else cur.letters)
+        if value == cur_value:
+            cur_final = cur_final or s.final  # a repeated answer; a cue in between corrects nothing
+        elif fixes or (s.final and not cur_final):
+            # A self-correction, or a final answer after tentative ones: the later one wins.
+            cur, cur_final, corrected, conflict = s, True, fixes, False
+        else:
+            conflict = True  # two different answers of the same rank, or tentative after final
+            if s.final == cur_final:
+                cur = s
+    if conflict:
+        return _Analysis(method="conflict", ambiguous=True, stated=True, final=cur_final)
+    if cur.hedge:
+        return _Analysis(method="hedge", ambiguous=True, stated=True, final=cur_final)
+    method = "correction" if corrected else "final" if cur_final else "leading" if cur.leading else "marker"
+    return _Analysis(letters=cur.letters, method=method, stated=True, final=cur_final)
+
+
+def _consistent(letters: str, pos: set[str] | frozenset[str], neg: set[str] | frozenset[str]) -> bool:
+    """Whether verdicts agree with a stated answer under either question polarity."""
+    chosen = set(letters)
+    positive = pos <= chosen and not neg & chosen
+    negative = neg <= chosen and not pos & chosen  # "which statement is wrong?" questions
+    return positive or negative
+
+
+def _from_brackets(text: str, ctx: _Context) -> str:
+    for m in reversed(list(_BRACKET_RE.finditer(text))):
+        letters = _NOT_LETTER_RE.sub("", m.group(1))
+        if not letters or any(c not in ctx.keyset for c in letters):
+            continue
+        clause_start = max(text.rfind(c, 0, m.start()) for c in ",;。\n") + 1
+        if _NEG_CLAUSE_RE.search(text, clause_start, m.start()):
+            continue
+        return _order(letters, ctx)
+    return ""
+
+
+def _from_option_texts(text: str, ctx: _Context, excluded: set[str]) -> tuple[str, bool]:
+    """``(letters, hedge)`` from option texts mentioned whole in ``text``."""
+    folded = _fold(text)
+    whole = folded.strip().rstrip("。.!")
+    candidates = [
+        (key, v) for key in ctx.keys for v in ctx.texts[key] if len(v) >= 2 or (v and v == whole)
+    ]
     candidates.sort(key=lambda kv: len(kv[1]), reverse=True)
-
     claimed: list[tuple[int, int]] = []
-    chosen = set()
+    counts: dict[str, int] = {}
     for key, norm in candidates:
         start = folded.find(norm)
         while start != -1:
             end = start + len(norm)
             # Latin option texts must match whole words ("ACE" must not match inside "ACEI").
-            glued = _is_latin(norm[0]) and start > 0 and _is_latin(folded[start - 1]) or (
+            glued = (_is_latin(norm[0]) and start > 0 and _is_latin(folded[start - 1])) or (
                 _is_latin(norm[-1]) and end < len(folded) and _is_latin(folded[end]))
             inside = any(s <= start and end <= e for s, e in claimed)
             if not glued and not inside:
-                # Claim the span even when negated, so a shorter option inside it stays unchosen.
-                claimed.append((start, end))
+                # Claim the span even when negated, so a shorter option inside it stays unchosen;
+                # a gloss right after it ("变异型心绞痛(Prinzmetal心绞痛)") belongs to it too.
+                gloss = _GLOSS_RE.match(folded, end)
+                claimed.append((start, gloss.end() if gloss else end))
                 before = folded[max(0, start - 6):start]
                 if not (_NEG_BEFORE_RE.search(before) or _NEG_AFTER_RE.match(folded, end)):
-                    chosen.add(key.strip().upper())
+                    counts[key] = counts.get(key, 0) + 1
             start = folded.find(norm, start + 1)
-    return chosen
+    chosen = {k for k in counts if k not in excluded}
+    if _is_all(_order(chosen, ctx), ctx):
+        # Every option named: the model restated them; options named again are its answer.
+        again = {k for k in chosen if counts[k] >= 2}
+        if not again or _is_all(_order(again, ctx), ctx):
+            return "", True
+        chosen = again
+    return _order(chosen, ctx), False
 
 
-def parse_robust(text: str, options: dict[str, str]) -> str:
+def _analyse(text: str, ctx: _Context, statements_only: bool = False, after_answer: bool = False) -> _Analysis:
+    """Run the cascade of the module docstring on one text (see :func:`_resolve` for ``after_answer``)."""
+    t = _prepare(text, ctx, after_answer)
+    found = _from_json(t, ctx)
+    if found is not None:
+        return found
+    pos, neg, judged = _verdicts(t, ctx)
+    statements = _statements(t, ctx, judged)
+    if statements_only:
+        # Around the answer slot (in an explanation), an option named by its text is discussion
+        # ("应诊断为…", "内服散剂应为细粉"); only letters, or a text after a self-correction
+        # cue, state a (different) answer.
+        statements = [s for s in statements if not s.by_text or _CORRECTION_RE.search(t, 0, s.start)]
+    if statements:
+        found = _resolve(t, statements, after_answer)
+        if found.letters and not _consistent(found.letters, pos, neg):
+            found.ambiguous = True
+        return found
+    if statements_only:
+        return _Analysis()
+    if _REFUSAL_RE.search(t):
+        return _Analysis(method="refusal")
+    chosen = pos - neg
+    if chosen:
+        if _is_all(_order(chosen, ctx), ctx):
+            return _Analysis(method="hedge", ambiguous=True)
+        return _Analysis(letters=_order(chosen, ctx), method="verdicts", ambiguous=bool(pos & neg))
+    letters = _from_brackets(t, ctx)
+    if letters:
+        return _Analysis(letters=letters, method="bracket")
+    letters, hedge = _from_option_texts(t, ctx, neg)
+    if hedge:
+        return _Analysis(method="hedge", ambiguous=True)
+    method = "option_text" if letters else "conflict" if pos & neg else "none"
+    return _Analysis(letters=letters, method=method, ambiguous=bool(pos & neg))
+
+
+# ---------------------------------------------------------------------------------------------
+# robust: entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def read_answer(
+    output: str,
+    options: Mapping[str, str],
+    answer_marker: str | None = None,
+    explanation_marker: str | None = None,
+    *,
+    fallback_explanation: bool = False,
+) -> AnswerReading:
+    """Read the answer (and the explanation to score) from one model output.
+
+    The single entry point shared by evaluation (``--parser robust``), the chat helpers and the
+    RL exam reward, so all three read answers identically.
+
+    Args:
+        output: The raw model output.
+        options: Option letter → option text, in option order.
+        answer_marker: The template's answer cue (``None`` when the prompt ends with it).
+        explanation_marker: The template's explanation cue, or ``None``.
+        fallback_explanation: The template is unknown: the whole output is the answer region
+            and the explanation is found with :func:`find_explanation`.
+
+    Returns:
+        The reading: letters in option order (``""`` for none or a hedge), the explanation,
+        whether the output is ambiguous, the deciding step, and whether the letters came from
+        the answer region (see the module docstring).
+    """
+    ctx = _context(options)
+    if fallback_explanation:
+        start, end, explanation = 0, len(output), find_explanation(output)
+    else:
+        start, end, raw_explanation = _spans(output, answer_marker, explanation_marker)
+        explanation = raw_explanation.strip()
+    region = _analyse(output[start:end], ctx)
+    if not output[:start].strip() and not output[end:].strip():
+        return AnswerReading(region.letters, explanation, region.ambiguous, region.method, True)
+    if not region.letters and not region.ambiguous:
+        # The answer may sit outside its expected place.
+        whole = _analyse(output, ctx)
+        return AnswerReading(whole.letters, explanation, whole.ambiguous, whole.method, False)
+
+    letters, ambiguous, method, in_region = region.letters, region.ambiguous, region.method, True
+    tail = _analyse(output[end:], ctx, statements_only=True, after_answer=True)
+    if tail.stated and tail.final and (tail.letters != letters or tail.ambiguous):
+        # A later final answer or self-correction replaces the one in the answer slot.
+        letters, ambiguous, method, in_region = tail.letters, tail.ambiguous, tail.method, False
+    else:
+        head = _analyse(output[:start], ctx, statements_only=True)
+        if any(a.stated and (a.letters != letters or a.ambiguous) for a in (head, tail)):
+            # Another, different answer before or after the answer slot: a conflict.
+            letters, ambiguous, method = "", True, "conflict"
+    if letters:
+        pos, neg, _ = _verdicts(_prepare(output, ctx), ctx)
+        ambiguous = ambiguous or not _consistent(letters, pos, neg)
+    return AnswerReading(letters, explanation, ambiguous, method, in_region)
+
+
+def parse_robust(text: str, options: Mapping[str, str]) -> str:
     """Extract an answer with the documented cascade (see the module docstring).
 
     Args:
@@ -223,23 +927,37 @@ def parse_robust(text: str, options: dict[str, str]) -> str:
         options: Option letter → option text, in option order.
 
     Returns:
-        The chosen letters in option order, or ``""`` when nothing parses.
+        The chosen letters in option order, or ``""`` when nothing (or only a hedge) parses.
     """
-    keys = {unicodedata.normalize("NFKC", k).strip().upper() for k in options}
-    norm = unicodedata.normalize("NFKC", text)
-    letters = _from_markers(norm, keys)
-    if letters is None:
-        letters = _from_leading(norm, keys)
-    if letters is None:
-        if _REFUSAL_RE.search(norm):
-            return ""
-        letters = _from_option_texts(norm, options)
-    return "".join(k for k in options if unicodedata.normalize("NFKC", k).strip().upper() in letters)
+    ctx = _context(options)
+    letters = _analyse(text, ctx).letters
+    return "".join(k for k in options if _nfkc(str(k)).strip().upper() in letters)
 
 
 # ---------------------------------------------------------------------------------------------
 # answer / explanation split
 # ---------------------------------------------------------------------------------------------
+
+
+def _spans(output: str, answer_marker: str | None, explanation_marker: str | None) -> tuple[int, int, str]:
+    """``(answer_start, answer_end, explanation)`` of :func:`split_output`, unstripped."""
+    exp_at = output.find(explanation_marker) if explanation_marker else -1
+    if exp_at >= 0:
+        explanation = output[exp_at + len(explanation_marker):]
+        if answer_marker and answer_marker in explanation:
+            explanation = explanation[: explanation.index(answer_marker)]
+    elif explanation_marker is None and answer_marker and answer_marker in output:
+        # The prompt ended with the explanation cue (e.g. "分析："), so the output *starts* with
+        # the explanation and the answer marker closes it.
+        explanation = output[: output.index(answer_marker)]
+    else:
+        explanation = output
+
+    ans_at = output.find(answer_marker) if answer_marker else -1
+    if ans_at >= 0:
+        start = ans_at + len(answer_marker)
+        return start, exp_at if exp_at >= start else len(output), explanation
+    return 0, exp_at if exp_at >= 0 else len(output), explanation
 
 
 def split_output(output: str, answer_marker: str | None, explanation_marker: str | None) -> tuple[str, str]:
@@ -259,25 +977,8 @@ def split_output(output: str, answer_marker: str | None, explanation_marker: str
         explanation marker if that comes later); without a (present) answer marker it is the
         output up to the explanation marker, or the whole output.
     """
-    exp_at = output.find(explanation_marker) if explanation_marker else -1
-    if exp_at >= 0:
-        explanation = output[exp_at + len(explanation_marker):]
-        if answer_marker and answer_marker in explanation:
-            explanation = explanation[: explanation.index(answer_marker)]
-    elif explanation_marker is None and answer_marker and answer_marker in output:
-        # The prompt ended with the explanation cue (e.g. "分析："), so the output *starts* with
-        # the explanation and the answer marker closes it.
-        explanation = output[: output.index(answer_marker)]
-    else:
-        explanation = output
-
-    ans_at = output.find(answer_marker) if answer_marker else -1
-    if ans_at >= 0:
-        start = ans_at + len(answer_marker)
-        answer = output[start: exp_at if exp_at >= start else len(output)]
-    else:
-        answer = output[:exp_at] if exp_at >= 0 else output
-    return answer.strip(), explanation.strip()
+    start, end, explanation = _spans(output, answer_marker, explanation_marker)
+    return output[start:end].strip(), explanation.strip()
 
 
 def find_explanation(output: str) -> str:

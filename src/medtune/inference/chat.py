@@ -7,7 +7,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-from medtune.evaluation.extract import parse_robust, split_output
+from medtune.evaluation.extract import AnswerReading, read_answer
 from medtune.inference.base import GenerationParams
 from medtune.records import ExamRecord
 from medtune.templates import ExamTemplate
@@ -60,6 +60,7 @@ class ExamAnswer:
     output: str
     letters: str  # parsed answer, "" when none could be read
     explanation: str
+    ambiguous: bool = False  # conflicting answers or a hedge (see medtune.evaluation.extract)
 
 
 def exam_prompt(question: str, options: dict[str, str], template: ExamTemplate, tokenizer: Any) -> str:
@@ -68,11 +69,26 @@ def exam_prompt(question: str, options: dict[str, str], template: ExamTemplate, 
     return template.render_prompt(record, tokenizer)
 
 
+def read_exam_answer(output: str, options: dict[str, str], template: ExamTemplate) -> AnswerReading:
+    """The full reading of a generated output, exactly as evaluation's robust parser reads it.
+
+    Args:
+        output: The generated completion.
+        options: Option letter → option text of the question.
+        template: The exam template the prompt was rendered with (its markers locate the
+            answer region and the explanation).
+
+    Returns:
+        Letters, explanation, ambiguity flag, deciding step and whether the letters came from
+        the answer region (:class:`medtune.evaluation.extract.AnswerReading`).
+    """
+    return read_answer(output, options, template.answer_marker, template.explanation_marker)
+
+
 def read_exam_output(output: str, options: dict[str, str], template: ExamTemplate) -> tuple[str, str]:
     """``(letters, explanation)`` from a generated output, as evaluation reads it."""
-    region, explanation = split_output(output, template.answer_marker, template.explanation_marker)
-    letters = parse_robust(region, options) or parse_robust(output, options)
-    return letters, explanation
+    reading = read_exam_answer(output, options, template)
+    return reading.letters, reading.explanation
 
 
 def answer_exam(
@@ -81,8 +97,8 @@ def answer_exam(
     """Ask one exam question through ``backend`` with ``template``."""
     prompt = exam_prompt(question, options, template, getattr(backend, "tokenizer", None))
     output = backend.generate([prompt], params, add_special_tokens=not template.chat)[0]
-    letters, explanation = read_exam_output(output, options, template)
-    return ExamAnswer(prompt, output, letters, explanation)
+    reading = read_exam_answer(output, options, template)
+    return ExamAnswer(prompt, output, reading.letters, reading.explanation, reading.ambiguous)
 
 
 def option_scores(backend: Any, template: ExamTemplate, question: str, options: dict[str, str]) -> dict[str, float] | None:

@@ -11,8 +11,10 @@ conversations (Q/A, alpaca…)  ``exam``               :func:`reference_overlap_
 either                        ``model``              :func:`make_model_reward_fn` (a stage-rm run)
 ============================  =====================  ==============================================
 
-The exam reward reads answers with :func:`medtune.inference.chat.read_exam_output`, the same
-parser evaluation uses, so what RL rewards is exactly what the exam score counts.
+The exam reward reads answers with :func:`medtune.inference.chat.read_exam_answer`, i.e.
+:func:`medtune.evaluation.extract.read_answer`, the same reader evaluation uses, so what RL
+rewards is exactly what the exam score counts. Hedges (every option, ``A或B``) and conflicting
+answers read as no answer, so listing options earns nothing.
 
 TRL 1.16 calls a Python reward function as ``f(prompts=..., completions=..., completion_ids=...,
 **columns)`` where every extra dataset column arrives as a list aligned with ``completions``
@@ -25,9 +27,12 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medtune.templates import ExamTemplate
+
+if TYPE_CHECKING:
+    from medtune.evaluation.extract import AnswerReading
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +46,9 @@ def has_answer_format(output: str, options: dict[str, str], template: ExamTempla
 
     * when the template has an ``answer_marker``, it occurs in the output (a ``None`` marker
       means the prompt ends with the answer cue, so the output itself starts with the answer);
-    * the answer region (:func:`medtune.evaluation.extract.split_output`) alone parses to at least
-      one option letter — letters that are only found by the whole-output fallback don't count;
+    * the answer is read from the answer region (:func:`medtune.evaluation.extract.split_output`)
+      and is at least one option letter — letters only found by the whole-output fallback, a
+      later self-correction outside the region, a hedge or a conflict don't count;
     * when the template has an ``explanation_marker``, it occurs in the output.
 
     Args:
@@ -53,14 +59,17 @@ def has_answer_format(output: str, options: dict[str, str], template: ExamTempla
     Returns:
         True when the output has the template's answer format.
     """
-    from medtune.evaluation.extract import parse_robust, split_output
+    from medtune.inference.chat import read_exam_answer
 
+    return _well_formed(output, template, read_exam_answer(output, options, template))
+
+
+def _well_formed(output: str, template: ExamTemplate, reading: AnswerReading) -> bool:
     if template.answer_marker and template.answer_marker not in output:
         return False
     if template.explanation_marker and template.explanation_marker not in output:
         return False
-    region, _ = split_output(output, template.answer_marker, template.explanation_marker)
-    return bool(parse_robust(region, options))
+    return bool(reading.letters) and reading.in_region
 
 
 def exam_reward(
@@ -72,11 +81,11 @@ def exam_reward(
 ) -> list[float]:
     """Exam reward per completion: correctness (0 or 1) plus a format bonus.
 
-    ``1.0`` when the letters read from the output (:func:`read_exam_output`, as evaluation reads
+    ``1.0`` when the letters read from the output (:func:`read_exam_answer`, as evaluation reads
     them) equal the gold letters exactly — a multi-answer question needs every letter and no
     extra one — plus ``format_bonus`` when :func:`has_answer_format` holds. So: right and well
     formed → ``1 + bonus``; right but e.g. without the explanation marker → ``1``; wrong but well
-    formed → ``bonus``; nothing parseable → ``0``.
+    formed → ``bonus``; nothing parseable, a hedge or conflicting answers → ``0``.
 
     Args:
         completions: Generated outputs (text after the prompt).
@@ -91,17 +100,17 @@ def exam_reward(
     Raises:
         ValueError: When the three sequences differ in length.
     """
-    from medtune.inference.chat import read_exam_output
+    from medtune.inference.chat import read_exam_answer
     from medtune.records import normalise_letters
 
     if not len(completions) == len(options) == len(answer):
         raise ValueError(f"{len(completions)} completions, {len(options)} options, {len(answer)} answers")
     rewards = []
     for output, opts, gold in zip(completions, options, answer, strict=True):
-        letters, _ = read_exam_output(output, opts, template)
+        reading = read_exam_answer(output, opts, template)  # read once for both parts
         # Gold letters are normalised to option order, the order the parser returns letters in.
-        correct = bool(letters) and letters == normalise_letters(gold, opts)
-        bonus = format_bonus if has_answer_format(output, opts, template) else 0.0
+        correct = bool(reading.letters) and reading.letters == normalise_letters(gold, opts)
+        bonus = format_bonus if _well_formed(output, template, reading) else 0.0
         rewards.append((1.0 if correct else 0.0) + bonus)
     return rewards
 
