@@ -84,5 +84,5 @@ def test_promptcblue_sft_predict_evaluate(tmp_path, tiny_model_dir):
     assert res["overall"] == pytest.approx(sum(t["score"] for t in res["tasks"].values()) / 16)
     assert res["improvement"]["overall"] == pytest.approx(res["overall"] - res["baseline"]["overall"])
     line = json.loads((tmp_path / "tuned.jsonl").read_text().splitlines()[0])
-    assert set(line) == {"id", "messages", "reference", "meta", "template", "prompt", "output"}
+    assert set(line) == {"id", "messages", "reference", "meta", "template", "prompt", "output", "source"}
     assert line["template"] == "plain" and line["meta"]["task_dataset"]

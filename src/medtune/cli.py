@@ -257,13 +257,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _prediction_kind(path: str) -> str:
     """``exam`` when prediction lines carry options, else ``conversation``."""
-    import json
+    from medtune.evaluation.evaluate import read_prediction_rows
 
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                return "exam" if "options" in json.loads(line) else "conversation"
-    return "exam"
+    rows = read_prediction_rows(path, required=("id", "output"))  # refuses bad files with file/line/field
+    return "exam" if not rows or "options" in rows[0][1] else "conversation"
 
 
 # ---- report -------------------------------------------------------------------------------------------

@@ -174,9 +174,20 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> int:
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line_number, object)`` for each non-blank line; bad JSON raises ``DataFileError``."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    """Yield ``(line_number, object)`` for each non-blank line.
+
+    Bad JSON, a line that is not an object, and bytes that are not UTF-8 (e.g. a GBK file) raise
+    ``DataFileError`` naming the file and the line.
+    """
+    if Path(path).is_dir():
+        raise DataFileError(path, None, None, "is a directory; expected a JSON-lines file")
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:  # decoded line by line, so an encoding error names its line
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataFileError(path, lineno, None, f"not UTF-8 text (byte {exc.start} of the line: {exc.reason}); "
+                                    "re-save the file as UTF-8 (GBK/GB18030 files must be converted)") from None
             if not line.strip():
                 continue
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -73,12 +74,10 @@ def evaluate(
     if parser not in PARSERS:
         raise ValueError(f"unknown parser {parser!r}; expected one of {PARSERS}")
     forced = get_template(template) if template else None
+    rows = read_prediction_rows(predictions)
     scored, unscorable, templates_seen = [], [], set()
-    for lineno, row in iter_jsonl(predictions):
-        for key in ("id", "options", "output"):
-            if key not in row:
-                raise DataFileError(predictions, lineno, key, "missing")
-        gold = normalise_letters(str(row.get("answer") or "").strip().upper(), row["options"])
+    for lineno, row in rows:
+        gold = gold_letters(predictions, lineno, row)
         if not gold:
             unscorable.append({"id": row["id"], "reason": "no gold answer"})
             continue
@@ -98,6 +97,75 @@ def evaluate(
     )
     write_outputs(out_dir, results, scored, unscorable)
     return results
+
+
+_TABLE_SUFFIXES = (".csv", ".tsv", ".xlsx", ".xls")
+
+
+def read_prediction_rows(path: str | Path, required: tuple[str, ...] = ("id", "options", "output"),
+                         ) -> list[tuple[int, dict[str, Any]]]:
+    """``(line, row)`` of a predictions file, each checked; anything that would score wrong is refused.
+
+    A row is scored once: repeated ids (a file written twice, or two files concatenated) would
+    count one question several times, so they are an error naming the lines. So are lines from
+    different producers (their ``source`` keys differ; see ``medtune.inference.predict``), an
+    ``output`` that is not text (null, NaN, a number), options that are not letter → text, and
+    a spreadsheet given instead of the JSON lines ``medtune predict`` writes.
+
+    Raises:
+        DataFileError: Naming the file, the line and the field.
+    """
+    if Path(path).suffix.lower() in _TABLE_SUFFIXES:
+        raise DataFileError(path, None, None, f"a {Path(path).suffix} file; evaluate reads the predictions .jsonl "
+                            "that medtune predict writes (one JSON object per line with id, options, output)")
+    rows = list(iter_jsonl(path))
+    lines_of: dict[str, list[int]] = {}
+    for lineno, row in rows:
+        for key in required:
+            if key not in row:
+                raise DataFileError(path, lineno, key, "missing")
+        if not isinstance(row["output"], str):
+            shown = "null" if row["output"] is None else repr(row["output"])
+            raise DataFileError(path, lineno, "output", f"expected the model's output as text, got {shown} "
+                                "(an empty output is \"\")")
+        if "options" in required and not (isinstance(row["options"], dict) and row["options"] and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in row["options"].items())):
+            raise DataFileError(path, lineno, "options", "expected an object mapping option letter to text")
+        if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
+            raise DataFileError(path, lineno, "id", f"expected a string id, got {row['id']!r}")
+        lines_of.setdefault(str(row["id"]), []).append(lineno)
+    repeated = {i: lines for i, lines in lines_of.items() if len(lines) > 1}
+    if repeated:
+        shown = "; ".join(f"{i!r} on lines {', '.join(map(str, lines))}" for i, lines in list(repeated.items())[:3])
+        more = f" (and {len(repeated) - 3} more)" if len(repeated) > 3 else ""
+        raise DataFileError(path, None, "id", f"{len(repeated)} id(s) occur more than once: {shown}{more}; each "
+                            "question must be scored once (was the file written twice, or two files joined?)")
+    producers: dict[Any, int] = {}
+    for lineno, row in rows:
+        producers.setdefault(row.get("source"), lineno)
+    if len(producers) > 1:
+        firsts = ", ".join(f"line {line}" for line in producers.values())
+        raise DataFileError(path, None, "source", f"the lines come from {len(producers)} different producers "
+                            f"(first lines of each: {firsts}); score each model's predictions separately")
+    return rows
+
+
+def gold_letters(path: str | Path, lineno: int, row: dict[str, Any]) -> str:
+    """The row's gold answer as letters in option order; ``""`` when it has none.
+
+    A gold letter that is not one of the row's options is an error, not silently dropped.
+    """
+    answer = row.get("answer")
+    if answer is None:
+        return ""
+    if not isinstance(answer, str):
+        raise DataFileError(path, lineno, "answer", f"expected the gold letters as text (e.g. \"AC\"), got {answer!r}")
+    letters = re.sub(r"[\s,，、;；/|+&]+", "", answer).upper()  # "A, C" and "A、C" are AC
+    unknown = sorted(set(letters) - set(row["options"]))
+    if unknown:
+        raise DataFileError(path, lineno, "answer", f"gold answer {answer!r} has letter(s) {''.join(unknown)} that are "
+                            f"not among the options {''.join(row['options'])}")
+    return normalise_letters(letters, row["options"])
 
 
 def summarise(scored: list[dict[str, Any]], unscorable: list[dict[str, Any]], tokenizer: str | None) -> dict[str, Any]:

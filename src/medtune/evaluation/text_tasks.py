@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from medtune.io import DataFileError, atomic_write_json, iter_jsonl, write_jsonl
+from medtune.io import DataFileError, atomic_write_json, write_jsonl
 
 TASKS = ("promptcblue", "text", "question-generation")
 
@@ -47,12 +47,10 @@ def evaluate_text(predictions: str | Path, out_dir: str | Path, task: str = "aut
     ``baseline`` is another evaluation directory of the same task (e.g. the base model's); its
     scores are reported beside these with the difference.
     """
-    rows = []
-    for lineno, row in iter_jsonl(predictions):
-        for key in ("id", "output"):
-            if key not in row:
-                raise DataFileError(predictions, lineno, key, "missing")
-        rows.append(row)
+    from medtune.evaluation.evaluate import read_prediction_rows
+
+    # the same checks as exam predictions: text outputs, each id once, one producer
+    rows = [row for _, row in read_prediction_rows(predictions, required=("id", "output"))]
     if not rows:
         raise DataFileError(predictions, None, None, "no predictions")
     task = detect_task(rows) if task == "auto" else task
