@@ -153,6 +153,58 @@ def test_bad_values_name_the_key(override, match):
         load_config(None, REQUIRED + [override])
 
 
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        # trained an all-NaN adapter and exited 0
+        (["learning_rate=inf"], r"^train\.learning_rate: expected a finite number, got 'inf'$"),
+        # crashed inside torch's optimiser
+        (["learning_rate=nan"], r"^train\.learning_rate: expected a finite number, got 'nan'$"),
+        (["learning_rate=-1e-4"], r"^train\.learning_rate: must be > 0, got -0\.0001$"),
+        # wrote an untrained run and exited 0
+        (["epochs=0"], r"^train\.epochs: must be > 0 \(or set train\.max_steps >= 1\), got 0\.0$"),
+        (["epochs=-1", "max_steps=10"], r"^train\.epochs: must be > 0 .*got -1\.0$"),
+        (["max_steps=0"], r"^train\.max_steps: expected a number of optimiser steps >= 1, or -1 .*got 0$"),
+        (["max_steps=-5"], r"^train\.max_steps: .*got -5$"),
+        (["batch_size=0"], r"^train\.batch_size: must be > 0, got 0$"),
+        (["eval_batch_size=0"], r"^train\.eval_batch_size: must be > 0, got 0$"),
+        (["logging_steps=0"], r"^train\.logging_steps: must be > 0, got 0$"),
+        (["warmup_ratio=1"], r"^train\.warmup_ratio: expected 0 <= x < 1 .*got 1\.0$"),
+        (["warmup_ratio=-0.1"], r"^train\.warmup_ratio: expected 0 <= x < 1 .*got -0\.1$"),
+        (["max_grad_norm=-1"], r"^train\.max_grad_norm: must be >= 0, got -1\.0$"),
+        (["max_grad_norm=inf"], r"^train\.max_grad_norm: expected a finite number, got 'inf'$"),
+        (["weight_decay=-0.01"], r"^train\.weight_decay: must be >= 0, got -0\.01$"),
+        (["save_total_limit=0"], r"^train\.save_total_limit: expected null \(no limit\) or a number >= 1, got 0$"),
+        (["early_stopping_patience=0"], r"^train\.early_stopping_patience: .*got 0$"),
+        (["seed=-1"], r"^train\.seed: expected 0 <= seed < 2\*\*32, got -1$"),
+        (["max_samples=0"], r"^data\.max_samples: expected null \(no limit\) or a number >= 1, got 0$"),
+        (["val_fraction=nan"], r"^data\.val_fraction: expected a finite number, got 'nan'$"),
+        (["adapter.alpha=0"], r"^adapter\.alpha: must be > 0, got 0$"),
+        (["adapter.dropout=1"], r"^adapter\.dropout: expected 0 <= x < 1, got 1\.0$"),
+        (["adapter.method=adalora", "adapter.target_r=16"], r"^adapter\.target_r: must be <= adapter\.init_r \(12\)"),
+        (["pt.block_size=0"], r"^pt\.block_size: must be > 0, got 0$"),
+        (["preference.beta=0"], r"^preference\.beta: must be > 0, got 0\.0$"),
+        (["rl.num_generations=1"], r"^rl\.num_generations: must be >= 2, got 1$"),
+        (["rl.temperature=0"], r"^rl\.temperature: must be > 0, got 0\.0$"),
+    ],
+)
+def test_nonsense_numbers_are_refused_naming_key_and_value(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, REQUIRED + overrides)
+
+
+def test_yaml_infinity_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  name_or_path: m\ndata:\n  train: t\ntrain:\n  learning_rate: .inf\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^train\.learning_rate: expected a finite number, got inf$"):
+        load_config(path)
+
+
+def test_max_steps_alone_may_replace_epochs():
+    cfg = load_config(None, REQUIRED + ["epochs=0", "max_steps=3"])
+    assert cfg.train.max_steps == 3 and cfg.train.epochs == 0.0
+
+
 def test_bf16_and_fp16_together_rejected():
     with pytest.raises(ConfigError, match="train.bf16 and train.fp16"):
         load_config(None, REQUIRED + ["bf16=true", "fp16=true"])

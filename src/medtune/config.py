@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -160,19 +161,74 @@ class RunConfig:
             raise ConfigError("data.train: required (a records .jsonl file or a CMExam file)")
         if not 0.0 <= self.data.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction: expected 0 <= x < 1, got {self.data.val_fraction}")
-        for key, value in (
-            ("train.learning_rate", self.train.learning_rate),
-            ("train.batch_size", self.train.batch_size),
-            ("train.gradient_accumulation_steps", self.train.gradient_accumulation_steps),
-            ("train.save_steps", self.train.save_steps),
-            ("data.max_length", self.data.max_length),
-            ("adapter.r", self.adapter.r),
-        ):
-            if value <= 0:
-                raise ConfigError(f"{key}: must be > 0, got {value}")
+        self._validate_numbers()
         if self.train.bf16 and self.train.fp16:
             raise ConfigError("train.bf16 and train.fp16: choose one")
         return self
+
+    def _validate_numbers(self) -> None:
+        """Numeric knobs outside their domain: each would train nonsense or crash deep in a trainer.
+
+        Non-finite floats (``nan``, ``inf``) are already refused when the value is read.
+        """
+        t = self.train
+        for key, value in (
+            ("train.learning_rate", t.learning_rate),
+            ("train.batch_size", t.batch_size),
+            ("train.eval_batch_size", t.eval_batch_size),
+            ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+            ("train.save_steps", t.save_steps),
+            ("train.logging_steps", t.logging_steps),
+            ("data.max_length", self.data.max_length),
+            ("adapter.r", self.adapter.r),
+            ("adapter.alpha", self.adapter.alpha),  # 0 scales the adapter's output to nothing
+            ("adapter.init_r", self.adapter.init_r),
+            ("adapter.target_r", self.adapter.target_r),
+            ("adapter.delta_t", self.adapter.delta_t),
+            ("adapter.num_virtual_tokens", self.adapter.num_virtual_tokens),
+            ("pt.block_size", self.pt.block_size),
+            ("preference.beta", self.preference.beta),  # 0 makes the DPO loss constant
+            ("preference.max_prompt_length", self.preference.max_prompt_length),
+            ("rl.max_completion_length", self.rl.max_completion_length),
+            ("rl.temperature", self.rl.temperature),
+        ):
+            if value <= 0:
+                raise ConfigError(f"{key}: must be > 0, got {value}")
+        # transformers reads max_steps <= 0 as "no limit" only when negative: 0 runs zero steps.
+        if t.max_steps == 0 or t.max_steps < -1:
+            raise ConfigError(f"train.max_steps: expected a number of optimiser steps >= 1, or -1 to train "
+                              f"for train.epochs, got {t.max_steps}")
+        if t.epochs < 0 or (t.epochs == 0 and t.max_steps < 0):
+            raise ConfigError(f"train.epochs: must be > 0 (or set train.max_steps >= 1), got {t.epochs}")
+        if not 0.0 <= t.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio: expected 0 <= x < 1 (a fraction of the steps), got {t.warmup_ratio}")
+        for key, value in (
+            ("train.weight_decay", t.weight_decay),
+            ("train.max_grad_norm", t.max_grad_norm),  # 0 turns gradient clipping off
+            ("rl.beta", self.rl.beta),
+        ):
+            if value < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {value}")
+        for key, optional in (
+            ("train.save_total_limit", t.save_total_limit),
+            ("train.early_stopping_patience", t.early_stopping_patience),
+            ("data.max_samples", self.data.max_samples),  # 0 would silently mean "all"
+        ):
+            if optional is not None and optional < 1:
+                raise ConfigError(f"{key}: expected null (no limit) or a number >= 1, got {optional}")
+        if not 0 <= t.seed < 2**32:  # numpy's seed range, which transformers' set_seed uses
+            raise ConfigError(f"train.seed: expected 0 <= seed < 2**32, got {t.seed}")
+        if not 0.0 <= self.adapter.dropout < 1.0:
+            raise ConfigError(f"adapter.dropout: expected 0 <= x < 1, got {self.adapter.dropout}")
+        for key, optional in (("adapter.tinit", self.adapter.tinit), ("adapter.tfinal", self.adapter.tfinal)):
+            if optional is not None and optional < 0:
+                raise ConfigError(f"{key}: expected null or a number of steps >= 0, got {optional}")
+        if self.adapter.method == "adalora" and self.adapter.target_r > self.adapter.init_r:
+            raise ConfigError(f"adapter.target_r: must be <= adapter.init_r ({self.adapter.init_r}) for adalora, "
+                              f"got {self.adapter.target_r}")
+        if self.rl.num_generations < 2:
+            # GRPO/RLOO score each completion against the others sampled for the same prompt
+            raise ConfigError(f"rl.num_generations: must be >= 2, got {self.rl.num_generations}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict."""
@@ -234,14 +290,20 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 pass
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if hint is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:  # YAML 1.1 reads "1e-4" as a string; accept it as a number
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            # no setting means anything with nan or inf: an inf learning rate trains an all-NaN model
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

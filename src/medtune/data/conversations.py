@@ -28,7 +28,7 @@ def segments(messages: list[dict[str, str]], fmt: str, tokenizer: Any = None,
     if fmt == "chat":
         return _chat_segments(messages, tokenizer, add_generation_prompt)
     if fmt != "plain":
-        raise ValueError(f"unknown conversation format {fmt!r}; expected one of {FORMATS}")
+        raise ValueError(f"data.conversation_format: expected one of {list(FORMATS)}, got {fmt!r}")
     # each reply ends with the EOS token, written as text so that a prompt string containing
     # earlier replies tokenises to the same ids the model was trained on
     eos = tokenizer.eos_token if tokenizer is not None and tokenizer.eos_token else ""
@@ -49,7 +49,8 @@ def segments(messages: list[dict[str, str]], fmt: str, tokenizer: Any = None,
 def _chat_segments(messages: list[dict[str, str]], tokenizer: Any,
                    add_generation_prompt: bool) -> list[tuple[str, bool]]:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("format 'chat' needs a tokenizer with a chat template; use format 'plain'")
+        raise ValueError("data.conversation_format=chat needs a tokenizer with a chat template and this model's "
+                         "has none; set data.conversation_format=plain (or start from a chat/instruct model)")
 
     def render(msgs: list[dict[str, str]], gen: bool) -> str:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
@@ -63,7 +64,9 @@ def _chat_segments(messages: list[dict[str, str]], tokenizer: Any,
             head = render(messages[:i], True)
             full = render(messages[: i + 1], False)
             if not (head.startswith(done) and full.startswith(head)):
-                raise ValueError("the chat template does not render conversations prefix by prefix")
+                raise ValueError("data.conversation_format=chat: this model's chat template does not render a "
+                                 "conversation prefix by prefix, so replies cannot be masked exactly; "
+                                 "set data.conversation_format=plain")
             out += [(head[len(done):], False), (full[len(head):], True)]
             done = full
     final = render(messages, add_generation_prompt) if messages[-1]["role"] != "assistant" else done
@@ -94,18 +97,34 @@ def conversation_prompt(messages: list[dict[str, str]], fmt: str, tokenizer: Any
     return "".join(t for t, _ in segs), _uses_special_tokens(fmt)
 
 
+def encode_conversation_prompt(messages: list[dict[str, str]], fmt: str, tokenizer: Any) -> list[int]:
+    """Token ids of the prompt for the next assistant reply, exactly as inference feeds them.
+
+    Inference tokenises the whole ``conversation_prompt`` text on its own; training on a prompt
+    and a reply (DPO, reward models) must use these ids and append the reply's own tokens, not
+    tokenise ``prompt + reply`` as one string, where BPE can merge the prompt's last characters
+    with the reply's first ones.
+    """
+    text, special = conversation_prompt(messages, fmt, tokenizer)
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
 def build_conversation_examples(records: list[Conversation], fmt: str, tokenizer: Any,
                                 max_length: int) -> SFTBuild:
     """Tokenised, masked examples.
 
     Over-long conversations are skipped and listed, never cut mid-reply (which would teach the
-    model to stop early).
+    model to stop early); so are conversations without an assistant reply (nothing to learn).
     """
     build = SFTBuild(examples=[], n_records=len(records))
     for rec in records:
         ids, labels = encode_segments(tokenizer, segments(rec.messages, fmt, tokenizer), fmt)
+        if all(label == IGNORE_INDEX for label in labels):
+            # e.g. an unlabelled PromptCBLUE test split: with every label masked the loss is 0/0 = NaN
+            build.skipped.append({"id": rec.id, "reason": "no assistant reply to learn from"})
+            continue
         if len(ids) > max_length:
-            build.skipped.append({"id": rec.id, "reason": f"{len(ids)} tokens > max_length={max_length}"})
+            build.skipped.append({"id": rec.id, "reason": f"{len(ids)} tokens > data.max_length={max_length}"})
             continue
         build.examples.append({"input_ids": ids, "labels": labels})
     return build

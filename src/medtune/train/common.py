@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
+import re
+import shutil
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -15,7 +19,7 @@ from typing import Any
 import yaml
 from transformers import TrainerCallback
 
-from medtune.config import RunConfig
+from medtune.config import ConfigError, RunConfig
 from medtune.io import atomic_write_json, read_jsonl_tolerant, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -25,6 +29,10 @@ PACKAGES = ("medtune", "torch", "transformers", "peft", "trl", "datasets", "acce
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used as asked."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the trainable weights stopped being finite; training stopped before saving them."""
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -70,13 +78,17 @@ def environment(seed: int, data_files: list[str]) -> dict[str, Any]:
     }
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool = True) -> tuple[Path, str | None]:
-    """Create the run directory or find the checkpoint to resume from.
+def check_run_dir(cfg: RunConfig, resume: bool = True) -> tuple[Path, str | None]:
+    """``(run directory, checkpoint to resume from)``, refusing a directory this run must not use.
 
-    A rerun with the same config resumes from the last checkpoint; a different config in an
-    existing run directory is an error (resuming it would mix two experiments).
+    Nothing is created: stages call this first, validate their data, and only then
+    ``create_run_dir``, so a run refused for its settings or data leaves no directory behind.
+    A rerun with the same config resumes from the last checkpoint; a different config (or changed
+    training data) in an existing run directory is an error, since resuming would mix two experiments.
     """
     run_dir = Path(cfg.train.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"train.output_dir: {run_dir} is a file; expected a directory for the run")
     saved = run_dir / "config.yaml"
     if saved.exists():
         with open(saved, encoding="utf-8") as fh:
@@ -97,9 +109,35 @@ def prepare_run_dir(cfg: RunConfig, resume: bool = True) -> tuple[Path, str | No
                     f"{run_dir} was trained on a different version of {path} (SHA-256 changed); "
                     "choose another train.output_dir or delete that directory"
                 )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = last_complete_checkpoint(run_dir) if resume else None
+    checkpoint = last_complete_checkpoint(run_dir) if resume and run_dir.is_dir() else None
     return run_dir, checkpoint
+
+
+def create_run_dir(run_dir: Path) -> None:
+    """Create the run directory (once the run's settings and data have been checked)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool = True) -> tuple[Path, str | None]:
+    """``check_run_dir`` and ``create_run_dir`` in one call (for stages that check nothing in between)."""
+    run_dir, checkpoint = check_run_dir(cfg, resume)
+    create_run_dir(run_dir)
+    return run_dir, checkpoint
+
+
+def discard_unfinished_run_dir(run_dir: Path) -> bool:
+    """Remove a run directory that a failed run created and that holds nothing to resume from.
+
+    Called only for a directory that did not exist before the run started. With a complete
+    checkpoint inside (e.g. the last good one before training diverged) it is kept.
+
+    Returns:
+        Whether the directory was removed.
+    """
+    if not run_dir.is_dir() or last_complete_checkpoint(run_dir) is not None:
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
 
 
 def last_complete_checkpoint(run_dir: Path) -> str | None:
@@ -138,6 +176,106 @@ def checkpoint_step(checkpoint: str | None) -> int:
         return 0
     with open(Path(checkpoint) / "trainer_state.json", encoding="utf-8") as fh:
         return int(json.load(fh)["global_step"])
+
+
+# ---- checks before anything is written or loaded ------------------------------------------------
+
+# What huggingface_hub accepts as a repo id: "name" or "namespace/name" (no leading dot or slash).
+_HUB_ID = re.compile(r"^(?![./~])[\w.-]+(/[\w.-]+)?$")
+
+
+def check_model_source(name_or_path: str) -> None:
+    """Refuse a ``model.name_or_path`` that can be neither a local model folder nor a hub id.
+
+    Without this a missing folder surfaces as a hub error about repo id syntax, after the run
+    directory was made.
+
+    Raises:
+        ConfigError: Naming ``model.name_or_path`` and what was expected.
+    """
+    path = Path(name_or_path).expanduser()
+    expected = "a model folder (with config.json), a medtune run directory, or a hub id such as Qwen/Qwen2.5-0.5B"
+    if path.is_dir():
+        if not (path / "config.json").exists() and not (path / "config.yaml").exists():
+            raise ConfigError(f"model.name_or_path: {path} holds no config.json or config.yaml; expected {expected}")
+        return
+    if path.exists():
+        raise ConfigError(f"model.name_or_path: {path} is a file; expected {expected}")
+    if not _HUB_ID.match(name_or_path) or ".." in name_or_path or "--" in name_or_path:
+        raise ConfigError(f"model.name_or_path: no such folder: {name_or_path} (expected {expected})")
+
+
+def load_training_tokenizer(cfg: RunConfig) -> Any:
+    """The run's tokenizer, with load failures reported against ``model.name_or_path``.
+
+    The model source is checked first (see ``check_model_source``); this is the first thing a
+    stage loads, so a wrong path or unreachable hub id fails here, before the run directory exists.
+    """
+    from medtune.models import training_tokenizer
+
+    check_model_source(cfg.model.name_or_path)
+    try:
+        return training_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if Path(cfg.model.name_or_path).expanduser().exists():
+            raise ConfigError(f"model.name_or_path: {exc}") from exc
+        raise ConfigError(f"model.name_or_path: {cfg.model.name_or_path!r} is not a local folder, and loading "
+                          f"it as a hub id failed: {exc}") from exc
+
+
+def check_trainer_names(cfg: RunConfig) -> None:
+    """``train.lr_scheduler`` and ``train.optim`` are names transformers knows (else it fails after loading)."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    schedulers = [s.value for s in SchedulerType]
+    if cfg.train.lr_scheduler not in schedulers:
+        raise ConfigError(f"train.lr_scheduler: expected one of {schedulers}, got {cfg.train.lr_scheduler!r}")
+    optimizers = [o.value for o in OptimizerNames]
+    if cfg.train.optim is not None and cfg.train.optim not in optimizers:
+        close = [o for o in optimizers if o.startswith(cfg.train.optim)][:3] or difflib.get_close_matches(
+            cfg.train.optim, optimizers, n=3)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        raise ConfigError(f"train.optim: unknown optimiser {cfg.train.optim!r}; {hint}expected null (adamw_torch) "
+                          "or a transformers optimiser name (transformers.training_args.OptimizerNames)")
+
+
+def planned_steps(cfg: RunConfig, n_train: int, unit: str, accounting: list[tuple[str, int]]) -> int:
+    """Optimiser steps the run will take; refuses a run that would take none.
+
+    Called once the training data is built and before the model is loaded, so a run with nothing
+    to learn from fails in seconds and leaves no run directory (or untrained "result") behind.
+
+    Args:
+        cfg: The run config.
+        n_train: Training examples (pairs, blocks, prompts) after every filter.
+        unit: What ``n_train`` counts, for the message ("examples", "preference pairs", ...).
+        accounting: ``(what, how many)`` explaining where the rows went; the first entry is
+            always shown, the others when non-zero.
+
+    Returns:
+        The number of optimiser steps (as transformers' Trainer computes it).
+
+    Raises:
+        ValueError: When the run would make no optimiser step.
+    """
+    from medtune.adapters import total_optimizer_steps
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    steps = 0
+    if n_train > 0:
+        steps = total_optimizer_steps(n_train, cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
+                                      cfg.train.epochs, cfg.train.max_steps, world_size)
+    if steps < 1:
+        shown = [f"{count} {what}" for i, (what, count) in enumerate(accounting) if i == 0 or count]
+        raise ValueError(
+            f"data.train: {cfg.data.train} leaves {n_train} training {unit} ({', '.join(shown)}), "
+            f"so the run would make {steps} optimiser steps; check the file and the data.* settings"
+        )
+    return steps
+
+
+# ---- callbacks -------------------------------------------------------------------------------------
 
 
 class MetricsLogCallback(TrainerCallback):
@@ -195,6 +333,90 @@ class EarlyStopOnEvalLoss(TrainerCallback):
                 control.should_training_stop = True
 
 
+def _first_non_finite(named: list[tuple[str, Any]]) -> tuple[str, str, int] | None:
+    """``(name, "nan" or "inf", how many tensors are bad)`` for tensors holding NaN/inf, else None.
+
+    One max-abs reduction per tensor (NaN propagates through it) and a single device sync for all.
+    """
+    import torch
+
+    # DeepSpeed ZeRO-3 leaves empty placeholders for parameters held by other processes
+    named = [(n, t) for n, t in named if t.numel() > 0]
+    if not named:
+        return None
+    device = named[0][1].device
+    peaks = torch.stack([torch.linalg.vector_norm(t.detach(), ord=math.inf).float().to(device) for _, t in named])
+    finite = torch.isfinite(peaks)
+    if bool(finite.all()):
+        return None
+    first = int((~finite).nonzero()[0])
+    kind = "nan" if bool(torch.isnan(peaks[first])) else "inf"
+    return named[first][0], kind, int((~finite).sum())
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stop training the moment the loss or the trainable weights stop being finite.
+
+    A diverged run otherwise keeps going and saves an all-NaN adapter as its result (the Trainer
+    even hides NaN losses from its logs by default). Checked at every optimiser step, before the
+    Trainer can save a checkpoint of that step (it saves after ``on_step_end``), so every checkpoint
+    on disk passed the check and the last one is the last good state:
+
+    - ``on_pre_optimizer_step``: the (clipped) gradients. A NaN/inf loss gives non-finite gradients,
+      caught here before the optimiser writes them into the weights. Skipped with fp16, whose
+      gradient scaler skips overflowing steps by design.
+    - ``on_step_end``: the trainable weights after the update.
+    - ``on_log``: the logged training loss (``logging_nan_inf_filter`` is off, so NaN shows there).
+
+    Stopping raises ``TrainingDiverged`` (the CLI prints its one-line message), so the stage never
+    reaches the step that saves the result.
+    """
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        """Refuse non-finite gradients before the optimiser applies them."""
+        if args.fp16 or model is None:
+            return
+        grads = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+        bad = _first_non_finite(grads)
+        if bad:
+            name, kind, count = bad
+            self._stop(args, state.global_step + 1,
+                       f"the loss or its gradients became {kind} ({count} of {len(grads)} trainable tensors, "
+                       f"first {name})")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        """Refuse non-finite weights before this step can be checkpointed."""
+        if model is None:
+            return
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        bad = _first_non_finite(params)
+        if bad:
+            name, kind, count = bad
+            self._stop(args, state.global_step,
+                       f"the trainable weights became {kind} ({count} of {len(params)} tensors, first {name})")
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        """Refuse a non-finite logged training loss (logging comes before saving in the Trainer)."""
+        loss = (logs or {}).get("loss")
+        if isinstance(loss, (int, float)) and not math.isfinite(loss) and not args.fp16:
+            self._stop(args, state.global_step, f"the training loss became {loss}")
+
+    @staticmethod
+    def _stop(args: Any, step: int, what: str) -> None:
+        run_dir = Path(args.output_dir)
+        checkpoint = last_complete_checkpoint(run_dir) if run_dir.is_dir() else None
+        if checkpoint:
+            kept = (f"the last good checkpoint, {checkpoint}, is kept; train into a new train.output_dir "
+                    "(or delete this one)")
+        else:
+            kept = f"no checkpoint had been saved yet (train.save_steps={args.save_steps}), so nothing is kept"
+        clip = "; keep train.max_grad_norm > 0 (now 0: no clipping)" if not args.max_grad_norm else ""
+        raise TrainingDiverged(
+            f"training diverged at step {step}: {what}. The model was not saved as the run's result; {kept}. "
+            f"Lower train.learning_rate (now {args.learning_rate:g}){clip} and train again."
+        )
+
+
 def training_arguments(cfg: RunConfig, run_dir: Path, has_val: bool) -> dict[str, Any]:
     """Keyword arguments for ``TrainingArguments`` (or a TRL config, which subclasses it).
 
@@ -229,13 +451,16 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_val: bool) -> dict[str
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=cfg.train.gradient_checkpointing,
         report_to="none",  # TensorBoard is attached by standard_callbacks, inside the run dir
+        # By default the Trainer replaces NaN/inf step losses by the running mean in its logs, which
+        # hides a diverging run; NonFiniteGuard stops one, and the logs must show what it saw.
+        logging_nan_inf_filter=False,
         dataloader_pin_memory=False,
         optim=cfg.train.optim or ("paged_adamw_8bit" if cfg.adapter.method == "qlora" else "adamw_torch"),
     )
 
 
 def standard_callbacks(cfg: RunConfig, run_dir: Path, has_val: bool) -> list[Any]:
-    """Metrics log, TensorBoard, AdaLoRA's rank schedule and early stopping, as configured."""
+    """Divergence guard, metrics log, TensorBoard, AdaLoRA's rank schedule and early stopping, as configured."""
     from medtune.adapters import AdaLoraRankCallback
 
     callbacks: list[Any] = [MetricsLogCallback(run_dir / "metrics.jsonl")]
@@ -245,6 +470,8 @@ def standard_callbacks(cfg: RunConfig, run_dir: Path, has_val: bool) -> list[Any
         callbacks.append(AdaLoraRankCallback())
     if cfg.train.early_stopping_patience and has_val:
         callbacks.append(EarlyStopOnEvalLoss(cfg.train.early_stopping_patience))
+    # last, so the logs above have recorded a non-finite loss before the guard stops the run
+    callbacks.append(NonFiniteGuard())
     return callbacks
 
 

@@ -14,11 +14,10 @@ starting model is loaded as the frozen reference.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-from medtune.config import RunConfig
+from medtune.config import ConfigError, RunConfig
 from medtune.train import common
 
 log = logging.getLogger(__name__)
@@ -43,10 +42,39 @@ def check_loss_type(loss_type: str) -> str:
     if loss_type in DPO_LOSS_TYPES:
         return loss_type
     if loss_type in SEPARATE_TRAINERS:
-        raise ValueError(f"preference.loss_type: {loss_type!r} is not a DPO loss in TRL 1.16 but a separate trainer "
+        raise ConfigError(f"preference.loss_type: {loss_type!r} is not a DPO loss in TRL 1.16 but a separate trainer "
                          f"({SEPARATE_TRAINERS[loss_type]}), which stage dpo does not run; "
                          f"DPO loss types: {', '.join(DPO_LOSS_TYPES)}")
-    raise ValueError(f"preference.loss_type: expected one of {list(DPO_LOSS_TYPES)}, got {loss_type!r}")
+    raise ConfigError(f"preference.loss_type: expected one of {list(DPO_LOSS_TYPES)}, got {loss_type!r}")
+
+
+def dpo_dataset(rows: list[dict[str, Any]]) -> Any:
+    """DPOTrainer's tokenised columns: ``prompt_ids`` (as inference feeds it), ``chosen_ids``/``rejected_ids``."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows])
+
+
+def pretokenized_dpo_trainer() -> type:
+    """A ``DPOTrainer`` that trains on the token ids it is given.
+
+    TRL 1.16's DPOTrainer always tokenises a ``prompt``/``chosen``/``rejected`` text dataset
+    itself, tokenising ``prompt + reply`` as one string: where BPE merges across that boundary,
+    the prompt's last token moves into the reply, so the model learns on a context it never
+    sees at inference. Datasets that already have ``prompt_ids`` (``dpo_dataset``) skip that step;
+    they are exactly what TRL's own preparation would produce, and its collator takes them as is.
+    """
+    from trl import DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        """DPOTrainer that leaves datasets with ``prompt_ids`` as they are."""
+
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            if "prompt_ids" in (dataset.column_names or []):
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    return PretokenizedDPOTrainer
 
 
 def run(cfg: RunConfig, resume: bool = True) -> Path:
@@ -61,30 +89,30 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         (share of pairs whose implicit reward ranks chosen above rejected) when pairs are held out.
     """
     import torch
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
-    from medtune.adapters import peft_config_for, total_optimizer_steps
+    from medtune.adapters import check_method_compatibility, peft_config_for
     from medtune.io import write_jsonl
-    from medtune.models import load_for_training, training_tokenizer
+    from medtune.models import load_for_training
     from medtune.templates import conversation_template
-    from medtune.train.rm import load_pairs, preference_rows
+    from medtune.train.rm import load_pairs, preference_rows, require_pairs
 
     loss_type = check_loss_type(cfg.preference.loss_type)
+    check_method_compatibility(cfg.adapter, cfg.train)
+    common.check_trainer_names(cfg)
 
-    # ---- run directory -----------------------------------------------------------------------
-    run_dir, checkpoint = common.prepare_run_dir(cfg, resume=resume)
-    torch.manual_seed(cfg.train.seed)
+    # ---- run directory: checked now, created once the data is known to be usable ---------------
+    run_dir, checkpoint = common.check_run_dir(cfg, resume=resume)
 
-    # ---- data: pairs → rendered text rows (same prompt text as SFT) ------------------------------
-    tokenizer = training_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    # ---- data: pairs → prompt and reply token ids (the prompt as inference feeds it) -----------------
+    tokenizer = common.load_training_tokenizer(cfg)
     train_pairs, val_pairs, rejects = load_pairs(cfg)
     fmt, limit, prompt_limit = cfg.data.conversation_format, cfg.data.max_length, cfg.preference.max_prompt_length
     train = preference_rows(train_pairs, fmt, tokenizer, limit, prompt_limit)
     val = preference_rows(val_pairs, fmt, tokenizer, limit, prompt_limit)
-    if not train.rows:
-        raise ValueError(f"{cfg.data.train}: no preference pairs left to train on "
-                         f"({len(train.skipped)} too long, {len(rejects)} invalid)")
+    total_steps = require_pairs(cfg, train, train_pairs, val_pairs, rejects)
+    common.create_run_dir(run_dir)
+    torch.manual_seed(cfg.train.seed)
 
     # ---- policy, PEFT and reference -----------------------------------------------------------------
     def load(previous_adapter: str) -> tuple[Any, bool]:
@@ -99,10 +127,6 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         return loaded, is_stacked
 
     model, stacked = load(cfg.model.previous_adapter)
-    total_steps = total_optimizer_steps(
-        len(train.rows), cfg.train.batch_size, cfg.train.gradient_accumulation_steps, cfg.train.epochs,
-        cfg.train.max_steps, int(os.environ.get("WORLD_SIZE", "1")),
-    )
     peft_config = None if stacked else peft_config_for(cfg.adapter, model.config.model_type, total_steps)
     ref_model = None
     if peft_config is None:
@@ -121,16 +145,13 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         max_length=cfg.data.max_length,  # over-long pairs were already removed and listed
     )
     callbacks = common.standard_callbacks(cfg, run_dir, has_val)
-
-    def dataset(rows: list[dict[str, str]]) -> Any:
-        return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
-
-    trainer = DPOTrainer(
+    trainer = pretokenized_dpo_trainer()(
         model=model,
         ref_model=ref_model,
         args=args,
-        train_dataset=dataset(train.rows),
-        eval_dataset=dataset(val.rows) if has_val else None,
+        # token ids, not text: TRL would tokenise prompt + reply as one string (see preference_rows)
+        train_dataset=dpo_dataset(train.rows),
+        eval_dataset=dpo_dataset(val.rows) if has_val else None,
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=callbacks,

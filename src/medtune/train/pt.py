@@ -98,9 +98,10 @@ def make_blocks(documents: list[str], tokenizer: Any, block_size: int) -> Blocks
         The blocks; ``total_tokens == len(blocks) * block_size + dropped_tail_tokens``.
     """
     if block_size <= 0:
-        raise ValueError(f"pt.block_size must be > 0, got {block_size}")
+        raise ValueError(f"pt.block_size: must be > 0, got {block_size}")
     if tokenizer.eos_token_id is None:
-        raise ValueError("continued pretraining needs a tokenizer with an EOS token (documents are joined by it)")
+        raise ValueError("model.name_or_path: continued pretraining (stage pt) needs a tokenizer with an EOS token "
+                         "(documents are joined by it) and this one has none")
     stream: list[int] = []
     for doc in documents:
         stream += tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]
@@ -145,16 +146,16 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    from medtune.adapters import peft_config_for, total_optimizer_steps
+    from medtune.adapters import peft_config_for
     from medtune.io import write_jsonl
-    from medtune.models import load_for_training, training_tokenizer
+    from medtune.models import load_for_training
 
-    # ---- run directory -----------------------------------------------------------------------
-    run_dir, checkpoint = common.prepare_run_dir(cfg, resume=resume)
-    torch.manual_seed(cfg.train.seed)
+    # ---- run directory: checked now, created once the data is known to be usable ---------------
+    common.check_trainer_names(cfg)
+    run_dir, checkpoint = common.check_run_dir(cfg, resume=resume)
 
     # ---- data: documents → one token stream → full blocks ---------------------------------------
-    tokenizer = training_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    tokenizer = common.load_training_tokenizer(cfg)
     train_read = read_texts(cfg.data.train)
     documents = train_read.documents[: cfg.data.max_samples] if cfg.data.max_samples else train_read.documents
     train_blocks = make_blocks(documents, tokenizer, cfg.pt.block_size)
@@ -171,9 +172,16 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         train_set, val_set = split_blocks(train_blocks.blocks, fraction, cfg.train.seed)
     if not train_set:
         raise ValueError(
-            f"{cfg.data.train}: {train_blocks.total_tokens} tokens make no full training block of "
+            f"data.train: {cfg.data.train} has {len(documents)} usable documents ({len(train_read.skipped)} rows "
+            f"without text), {train_blocks.total_tokens} tokens: no full training block of "
             f"pt.block_size={cfg.pt.block_size}; lower pt.block_size or add text"
         )
+    total_steps = common.planned_steps(cfg, len(train_set), "blocks", [
+        ("blocks cut", len(train_blocks.blocks)),
+        ("held out for validation", 0 if cfg.data.validation else len(val_set)),
+    ])
+    common.create_run_dir(run_dir)
+    torch.manual_seed(cfg.train.seed)
 
     # ---- model + PEFT -----------------------------------------------------------------------------
     model, _, stacked = load_for_training(
@@ -183,10 +191,6 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         attn_implementation=cfg.model.attn_implementation,
         previous_adapter=cfg.model.previous_adapter,
         quantize_4bit=cfg.adapter.method == "qlora",
-    )
-    total_steps = total_optimizer_steps(
-        len(train_set), cfg.train.batch_size, cfg.train.gradient_accumulation_steps, cfg.train.epochs,
-        cfg.train.max_steps, int(os.environ.get("WORLD_SIZE", "1")),
     )
     peft_config = None if stacked else peft_config_for(cfg.adapter, model.config.model_type, total_steps)
     if peft_config is not None:

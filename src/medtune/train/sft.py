@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from medtune.config import RunConfig
+from medtune.config import ConfigError, RunConfig
 from medtune.io import write_jsonl
 from medtune.train import common
 
@@ -20,29 +20,27 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from medtune.adapters import (
-        check_method_compatibility,
-        peft_config_for,
-        total_optimizer_steps,
-    )
+    from medtune.adapters import check_method_compatibility, peft_config_for
     from medtune.data.conversations import build_conversation_examples
     from medtune.data.exam import detect_kind, load_conversations, load_exam_file, split_records
     from medtune.data.sft import IGNORE_INDEX, build_sft_examples
-    from medtune.models import load_for_training, training_tokenizer
-    from medtune.templates import conversation_template, get_template
+    from medtune.models import load_for_training
+    from medtune.templates import TemplateError, conversation_template, get_template
     from medtune.train.label_head import LabelHeadTrainer, label_head_applies
 
     # ---- checks that must fail before anything is loaded (e.g. QLoRA without a GPU) -----------
     check_method_compatibility(cfg.adapter, cfg.train)
-
-    # ---- run directory: create, or find the checkpoint to resume from -------------------------
-    run_dir, checkpoint = common.prepare_run_dir(cfg, resume=resume)
-    torch.manual_seed(cfg.train.seed)
+    common.check_trainer_names(cfg)
+    # the run directory is checked now but created only once the data is known to be usable
+    run_dir, checkpoint = common.check_run_dir(cfg, resume=resume)
 
     # ---- data: records → template → tokenised, prompt-masked examples ---------------------------
-    tokenizer = training_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    tokenizer = common.load_training_tokenizer(cfg)
     if detect_kind(cfg.data.train) == "exam":
-        template = get_template(cfg.data.template)
+        try:
+            template = get_template(cfg.data.template)
+        except TemplateError as exc:
+            raise ConfigError(f"data.template: {exc}") from exc
         load = load_exam_file
 
         def build(recs: list) -> Any:
@@ -55,16 +53,27 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
             return build_conversation_examples(recs, template.name, tokenizer, cfg.data.max_length)
 
     records, rejects = load(cfg.data.train, cfg.data.on_invalid)
+    n_read, n_invalid = len(records) + len(rejects), len(rejects)
     if cfg.data.max_samples:
         records = records[: cfg.data.max_samples]
+    n_beyond = n_read - n_invalid - len(records)
     if cfg.data.validation:
         val_records, val_rejects = load(cfg.data.validation, cfg.data.on_invalid)
         rejects += val_rejects
     else:
         records, val_records = split_records(records, cfg.data.val_fraction, cfg.train.seed)
     train_build, val_build = build(records), build(val_records)
-    if not train_build.examples:
-        raise ValueError(f"{cfg.data.train}: no training examples left ({train_build.summary()})")
+    skipped = train_build.skipped
+    total_steps = common.planned_steps(cfg, len(train_build.examples), "examples", [
+        ("rows read", n_read),
+        (f"rejected as invalid (data.on_invalid={cfg.data.on_invalid})", n_invalid),
+        (f"beyond data.max_samples={cfg.data.max_samples}", n_beyond),
+        (f"held out for validation (data.val_fraction={cfg.data.val_fraction})",
+         0 if cfg.data.validation else len(val_records)),
+        (f"skipped, e.g. {skipped[0]['reason']}" if skipped else "skipped", len(skipped)),
+    ])
+    common.create_run_dir(run_dir)
+    torch.manual_seed(cfg.train.seed)
 
     # ---- model + PEFT -----------------------------------------------------------------------------
     model, _, stacked = load_for_training(
@@ -74,15 +83,6 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         attn_implementation=cfg.model.attn_implementation,
         previous_adapter=cfg.model.previous_adapter,
         quantize_4bit=cfg.adapter.method == "qlora",
-    )
-    world_size = int(__import__("os").environ.get("WORLD_SIZE", "1"))
-    total_steps = total_optimizer_steps(
-        len(train_build.examples),
-        cfg.train.batch_size,
-        cfg.train.gradient_accumulation_steps,
-        cfg.train.epochs,
-        cfg.train.max_steps,
-        world_size,
     )
     peft_config = None if stacked else peft_config_for(cfg.adapter, model.config.model_type, total_steps,
                                                        hidden_size=model.config.hidden_size)
