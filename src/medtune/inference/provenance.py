@@ -87,6 +87,10 @@ def model_source(model_path: str, adapter_path: str | None = None, merge_first: 
     chained = previous_run(model_path)
     base, earlier = chained if chained else (model_path, [])
     adapters = [*earlier, *merge_first, *([adapter_path] if adapter_path else [])]
+    if backend == "hf":  # what "auto" means on this machine, so --model and --run compare like for like
+        from medtune.models import resolve_dtype
+
+        dtype = str(resolve_dtype(dtype)).removeprefix("torch.")
     source: dict[str, Any] = {
         "model": model_identity(base),
         "adapters": [adapter_identity(a) for a in adapters],
