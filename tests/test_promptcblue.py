@@ -488,7 +488,7 @@ def test_promptcblue_nan_target_is_an_empty_target_not_text(tmp_path):
     assert [r.id for r in result.records] == ["a"]
     tasks = list(PROMPTCBLUE_TASKS)
     assert [(r["row"], r["field"], r["reason"]) for r in result.rejects] == [
-        (2, "target", "empty target ('nan' counts as missing) (pass require_target=False for unlabelled data)"),
+        (2, "target", "empty target ('nan' counts as missing) while other lines have one: a line without a target can be predicted, not trained on; fill it in, or leave such lines out (data.on_invalid=skip in train, --on-invalid skip in convert)"),
         (3, "input", "missing or empty prompt ('None' counts as missing)"),
         (4, "sample_id", "missing or empty ('NULL' counts as missing)"),
         (5, "task_dataset", f"missing task name ('nan' counts as missing); expected one of {tasks}"),
@@ -498,7 +498,7 @@ def test_promptcblue_nan_target_is_an_empty_target_not_text(tmp_path):
         read_promptcblue(path)
     assert str(info.value) == (
         f"{path}, row 2, field 'target': empty target ('nan' counts as missing) "
-        "(pass require_target=False for unlabelled data)"
+        "while other lines have one: a line without a target can be predicted, not trained on; fill it in, or leave such lines out (data.on_invalid=skip in train, --on-invalid skip in convert)"
     )
     # Without a target requirement the "nan" target is no reply, never the reply "nan".
     kept = read_promptcblue(write_lines(tmp_path / "y.json", rows[:2]), require_target=False)
@@ -522,7 +522,7 @@ def test_promptcblue_nan_float_target_rejects_file_is_valid_json(tmp_path):
     out = tmp_path / "out.jsonl"
     result = convert_promptcblue(path, out, on_invalid="skip")
     assert [(r["row"], r["field"], r["reason"]) for r in result.rejects] == [
-        (2, "target", "empty target (NaN counts as missing) (pass require_target=False for unlabelled data)"),
+        (2, "target", "empty target (NaN counts as missing) while other lines have one: a line without a target can be predicted, not trained on; fill it in, or leave such lines out (data.on_invalid=skip in train, --on-invalid skip in convert)"),
     ]
     text = default_rejects_path(out).read_text(encoding="utf-8")
     assert "NaN" not in text.replace("(NaN counts", "")  # no bare NaN token: strict JSON readers accept it

@@ -1,4 +1,4 @@
-"""RL stage: exam / overlap rewards, and GRPO raising the exam reward of a partly trained model."""
+"""RL stage: exam / overlap / reward-model rewards, and GRPO raising the exam reward of a partly trained model."""
 
 from __future__ import annotations
 
@@ -227,4 +227,97 @@ def test_grpo_on_conversations_uses_reference_overlap(tmp_path, tiny_model_dir):
     summary = json.loads((rl_dir / "data_summary.json").read_text())
     assert summary["kind"] == "conversation" and summary["prompts"] == 2
     assert any("rewards/reference_overlap/mean" in json.loads(line)
+               for line in (rl_dir / "metrics.jsonl").read_text().splitlines())
+
+
+# ---- reward model: scores the token ids it was trained on -------------------------------------------
+
+# Prompt + reply pairs whose boundary characters merge in the tiny model's BPE (发 + 热 → 发热, ...),
+# checked in the test rather than assumed.
+MERGING_PAIRS = [
+    {"prompt": "患者发", "chosen": "热三天", "rejected": "冷"},
+    {"prompt": "咳", "chosen": "嗽怎么办", "rejected": "多喝水"},
+    {"prompt": "最可能的诊", "chosen": "断是感冒", "rejected": "不知道"},
+]
+
+
+@pytest.mark.slow
+def test_model_reward_scores_the_ids_the_reward_model_was_trained_on(tmp_path, tiny_model_dir, tiny_tokenizer,
+                                                                     monkeypatch):
+    """Where BPE merges across the prompt/reply boundary, RL feeds the RM exactly its training ids."""
+    import torch
+    from transformers import TrainerCallback
+
+    from medtune.config import load_config
+    from medtune.data.conversations import conversation_prompt
+    from medtune.train import common, rewards, rm
+
+    merged = [p for p in MERGING_PAIRS
+              if tiny_tokenizer(p["prompt"] + p["chosen"])["input_ids"]
+              != tiny_tokenizer(p["prompt"])["input_ids"] + tiny_tokenizer(p["chosen"], add_special_tokens=False)[
+                  "input_ids"]]
+    assert merged, "no pair merges across the boundary: the test would prove nothing"
+
+    # 1. a reward model trained by stage rm, recording the batch its trainer builds from the pairs
+    trained: dict = {}
+
+    class RecordBatch(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):  # noqa: D102
+            dataset = train_dataloader.dataset
+            trained["batch"] = train_dataloader.collate_fn([dataset[i] for i in range(len(dataset))])
+
+    standard = common.standard_callbacks
+    monkeypatch.setattr(common, "standard_callbacks", lambda *a, **k: [*standard(*a, **k), RecordBatch()])
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in MERGING_PAIRS), encoding="utf-8")
+    rm_dir = rm.run(load_config(CONFIG_DIR / "rm_lora_tiny.yaml", [
+        f"model.name_or_path={tiny_model_dir}", f"data.train={pairs}", f"train.output_dir={tmp_path / 'rm'}",
+        "data.max_samples=null", "data.val_fraction=0", "train.max_steps=1", "train.report_to=",
+    ]))
+    batch, n = trained["batch"], len(MERGING_PAIRS)
+    training_ids = [batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist() for i in range(n)]  # chosen
+
+    # 2. the RL reward function on the same texts, recording what reaches the reward model
+    fed: list[list[int]] = []
+    loaded: dict = {}
+    load = rewards.load_reward_model
+
+    def spy(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        loaded["hook"] = model.register_forward_pre_hook(lambda module, a, kw: fed.extend(
+            ids[mask.bool()].tolist() for ids, mask in zip(kw["input_ids"], kw["attention_mask"], strict=True)),
+            with_kwargs=True)
+        loaded["model"] = model
+        return model, tokenizer
+
+    monkeypatch.setattr(rewards, "load_reward_model", spy)
+    reward_fn = rewards.make_model_reward_fn(rm_dir, batch_size=2)
+    # the prompt as the RL stage renders it for a conversation (plain format, as the rm run)
+    prompts = [conversation_prompt([{"role": "user", "content": p["prompt"]}], "plain", tiny_tokenizer)[0]
+               for p in MERGING_PAIRS]
+    got = reward_fn(prompts=prompts, completions=[p["chosen"] for p in MERGING_PAIRS],
+                    completion_ids=[[0]] * n, trainer_state=None, log_extra=None, log_metric=None)
+
+    assert fed == training_ids
+    for pair in merged:  # ... which the one-string tokenisation would not have given
+        i = MERGING_PAIRS.index(pair)
+        assert tiny_tokenizer(prompts[i] + pair["chosen"], add_special_tokens=False)["input_ids"] != fed[i]
+    # 3. and the reward is the reward model's own score of those ids, one sequence at a time
+    loaded["hook"].remove()
+    with torch.no_grad():
+        direct = [loaded["model"](input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in training_ids]
+    assert got == pytest.approx(direct, abs=1e-5)
+
+    # 4. and GRPO trains with it (the rm run's conversation format is the RL run's)
+    from medtune.train import rl
+
+    convs = tmp_path / "prompts.jsonl"
+    convs.write_text("".join(json.dumps({"id": str(i), "messages": [{"role": "user", "content": p["prompt"]}]},
+                                        ensure_ascii=False) + "\n" for i, p in enumerate(MERGING_PAIRS)),
+                     encoding="utf-8")
+    rl_dir = rl.run(rl_config(Path(tiny_model_dir), convs, tmp_path / "grpo", "rl.reward=model",
+                              f"rl.reward_model={rm_dir}", "train.max_steps=1", "train.batch_size=2",
+                              "rl.num_generations=2", "rl.max_completion_length=4"))
+    assert json.loads((rl_dir / "data_summary.json").read_text())["prompts"] == n
+    assert any("rewards/reward_model/mean" in json.loads(line)
                for line in (rl_dir / "metrics.jsonl").read_text().splitlines())

@@ -68,6 +68,16 @@ def _write_pairs(path: Path, pairs: list[dict]) -> Path:
         ("dpo_lora_tiny.yaml", "pairs_all_too_long",
          r"data\.train: .* leaves 0 training preference pairs \(4 valid pairs read, 4 skipped, "
          r"e\.g\. \d+ tokens > data\.max_length=4\)"),
+        ("rl_grpo_exam_tiny.yaml", "missing_model", r"model\.name_or_path: no such folder: .*nope"),
+        ("rl_grpo_exam_tiny.yaml", "unknown_template", r"data\.template: unknown template 'nope'; available: .*qa"),
+        # the exam reward on conversations is ROUGE-L against the reply: without one, no usable prompt
+        ("rl_grpo_exam_tiny.yaml", "conversations_without_reply",
+         r"data\.train: .* leaves 0 training prompts \(2 rows read, 2 skipped, e\.g\. no reply to score "
+         r"completions against \(rl\.reward=exam on conversations.*0 optimiser steps"),
+        ("rl_grpo_exam_tiny.yaml", "reward_model_not_a_run",
+         r"rl\.reward_model: .*no-rm: not a run directory \(no config\.yaml\)"),
+        ("rl_grpo_exam_tiny.yaml", "reward_model_saw_other_prompts",
+         r"data\.conversation_format: 'plain', but the reward model .*chat-rm was trained on 'chat' prompts"),
     ],
 )
 def test_refused_run_names_the_setting_and_leaves_no_run_dir(
@@ -91,6 +101,16 @@ def test_refused_run_names_the_setting_and_leaves_no_run_dir(
         split = tmp_path / "test.json"
         split.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         overrides += [f"data.train={split}"]
+    elif case == "reward_model_saw_other_prompts":
+        rm_dir = tmp_path / "chat-rm"
+        (rm_dir / "adapter").mkdir(parents=True)
+        (rm_dir / "config.yaml").write_text("stage: rm\ndata:\n  conversation_format: chat\n", encoding="utf-8")
+        prompts = _write_pairs(tmp_path / "prompts.jsonl", [
+            {"id": "1", "messages": [{"role": "user", "content": "发热三天怎么办？"}]}])
+        overrides += [f"data.train={prompts}", "rl.reward=model", f"rl.reward_model={rm_dir}"]
+    elif case == "reward_model_not_a_run":
+        (tmp_path / "no-rm").mkdir()
+        overrides += [f"data.train={data}", "rl.reward=model", f"rl.reward_model={tmp_path / 'no-rm'}"]
     else:
         pairs = _write_pairs(tmp_path / "pairs.jsonl", MERGING_PAIRS)
         overrides += [f"data.train={pairs}", "data.max_length=4", "data.val_fraction=0", "data.max_samples=null"]
@@ -99,6 +119,27 @@ def test_refused_run_names_the_setting_and_leaves_no_run_dir(
     line = _error_line(err)
     assert re.search(expected, line), line
     assert not out.exists(), sorted(p.name for p in out.iterdir())
+
+
+def test_promptcblue_line_without_target_is_refused_in_command_line_terms(tmp_path, tiny_model_dir, capsys):
+    # one labelled line and one without a target: not a test split (those have none at all)
+    from medtune.data.promptcblue import PROMPTCBLUE_TASKS
+
+    task = next(iter(PROMPTCBLUE_TASKS))
+    rows = [{"sample_id": "a", "task_dataset": task, "input": "发热三天？答：", "target": "感冒"},
+            {"sample_id": "b", "task_dataset": task, "input": "咳嗽？答：", "target": ""}]
+    data = tmp_path / "dev.json"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "run"
+    rc, err = _train("quickstart.yaml", f"model.name_or_path={tiny_model_dir}", f"data.train={data}",
+                     f"train.output_dir={out}", capsys=capsys)
+    assert rc == 2
+    assert _error_line(err) == (
+        f"medtune train: error: {data}, row 2, field 'target': empty target while other lines have one: a line "
+        "without a target can be predicted, not trained on; fill it in, or leave such lines out "
+        "(data.on_invalid=skip in train, --on-invalid skip in convert)"
+    )
+    assert "require_target" not in err and not out.exists()
 
 
 # ---- divergence -------------------------------------------------------------------------------------

@@ -75,7 +75,8 @@ def _chat_segments(messages: list[dict[str, str]], tokenizer: Any,
     return [(t, a) for t, a in out if t]
 
 
-def _uses_special_tokens(fmt: str) -> bool:
+def uses_special_tokens(fmt: str) -> bool:
+    """Whether a prompt in conversation format ``fmt`` is tokenised with the special tokens (BOS)."""
     # chat templates carry their own BOS/special tokens in the text
     return fmt == "plain"
 
@@ -85,7 +86,7 @@ def encode_segments(tokenizer: Any, segs: list[tuple[str, bool]], fmt: str) -> t
     ids: list[int] = []
     labels: list[int] = []
     for k, (text, trained) in enumerate(segs):
-        piece = tokenizer(text, add_special_tokens=(k == 0 and _uses_special_tokens(fmt)))["input_ids"]
+        piece = tokenizer(text, add_special_tokens=(k == 0 and uses_special_tokens(fmt)))["input_ids"]
         ids += piece
         labels += piece if trained else [IGNORE_INDEX] * len(piece)
     return ids, labels
@@ -94,7 +95,7 @@ def encode_segments(tokenizer: Any, segs: list[tuple[str, bool]], fmt: str) -> t
 def conversation_prompt(messages: list[dict[str, str]], fmt: str, tokenizer: Any) -> tuple[str, bool]:
     """``(prompt text, add_special_tokens)`` for the next assistant reply (inference)."""
     segs = segments(messages, fmt, tokenizer, add_generation_prompt=True)
-    return "".join(t for t, _ in segs), _uses_special_tokens(fmt)
+    return "".join(t for t, _ in segs), uses_special_tokens(fmt)
 
 
 def encode_conversation_prompt(messages: list[dict[str, str]], fmt: str, tokenizer: Any) -> list[int]:

@@ -79,7 +79,7 @@ def load_conversations(path: str | Path, on_invalid: str = "error",
     if keys >= {"input", "target"}:
         from medtune.data.promptcblue import read_promptcblue
 
-        res = read_promptcblue(path, on_invalid=on_invalid)
+        res = read_promptcblue(path, on_invalid=on_invalid, require_target=require_reply)
         return res.records, res.rejects
     if not keys >= {"id", "messages"}:
         from medtune.data.instructions import read_instructions

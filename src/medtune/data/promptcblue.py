@@ -264,7 +264,9 @@ def _to_record(obj: Any, allow_empty_target: bool) -> Conversation:
     target = "" if is_missing(raw_target) else raw_target
     if not target and not allow_empty_target:
         raise _RowError(
-            "target", f"empty target{missing_note(raw_target)} (pass require_target=False for unlabelled data)"
+            "target", f"empty target{missing_note(raw_target)} while other lines have one: a line without a "
+            "target can be predicted, not trained on; fill it in, or leave such lines out "
+            "(data.on_invalid=skip in train, --on-invalid skip in convert)"
         )
 
     choices = obj.get("answer_choices")

@@ -942,7 +942,7 @@ def check(
         ValueError: ``near_threshold`` is out of range.
     """
     if not 0 < near_threshold <= 1:
-        raise ValueError(f"near_threshold must be in (0, 1], got {near_threshold}")
+        raise ValueError(f"--near-threshold must be in (0, 1], got {near_threshold}")
     started = time.perf_counter()
     given = {"train": train, "val": val, "test": test}
     loaded: dict[str, LoadedData] = {}

@@ -797,9 +797,9 @@ def create_app(
         max_prompt_tokens = context_length or DEFAULT_PROMPT_TOKENS
         if context_length is None:
             logger.warning("the backend does not report its context length; prompts are limited to %d tokens "
-                           "(set max_prompt_tokens to change this)", DEFAULT_PROMPT_TOKENS)
-    for name, value in (("max_queue", max_queue), ("max_concurrency", max_concurrency),
-                        ("max_prompt_tokens", max_prompt_tokens), ("max_tokens_limit", max_tokens_limit)):
+                           "(set --max-prompt-tokens to change this)", DEFAULT_PROMPT_TOKENS)
+    for name, value in (("--max-queue", max_queue), ("--max-concurrency", max_concurrency),
+                        ("--max-prompt-tokens", max_prompt_tokens), ("max_tokens_limit", max_tokens_limit)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if context_length is not None and max_prompt_tokens > context_length:

@@ -186,6 +186,28 @@ def make_reference_overlap_reward_fn() -> RewardFn:
     return reference_overlap
 
 
+def reward_model_config(reward_run_dir: str | Path) -> dict[str, Any]:
+    """The saved ``config.yaml`` of a finished stage-rm run directory (nothing is loaded).
+
+    Raises:
+        FileNotFoundError: When the directory is not a finished run (no config.yaml, or neither
+            ``adapter/`` nor ``model/``).
+    """
+    import yaml
+
+    run_dir = Path(reward_run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
+    if not (run_dir / "model").is_dir() and not (run_dir / "adapter").is_dir():
+        raise FileNotFoundError(f"{run_dir}: the run has not finished (no adapter/ or model/ folder)")
+    with open(cfg_path, encoding="utf-8") as fh:
+        saved = yaml.safe_load(fh) or {}
+    if saved.get("stage") not in (None, "rm"):
+        log.warning("%s is a stage-%s run, not a reward model (stage rm)", run_dir, saved.get("stage"))
+    return saved
+
+
 def load_reward_model(reward_run_dir: str | Path, dtype: str = "auto") -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a stage-rm run directory, in eval mode.
 
@@ -203,18 +225,10 @@ def load_reward_model(reward_run_dir: str | Path, dtype: str = "auto") -> tuple[
     Raises:
         FileNotFoundError: When the directory is not a finished rm run.
     """
-    import yaml
-
     from medtune.models import default_device, load_for_training, load_tokenizer
 
     run_dir = Path(reward_run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
-    with open(cfg_path, encoding="utf-8") as fh:
-        saved = yaml.safe_load(fh)
-    if saved.get("stage") not in (None, "rm"):
-        log.warning("%s is a stage-%s run, not a reward model (stage rm)", run_dir, saved.get("stage"))
+    saved = reward_model_config(run_dir)
     if (run_dir / "model").is_dir():  # full fine-tune: the folder is a complete seq-cls model
         from transformers import AutoModelForSequenceClassification
 
@@ -240,34 +254,58 @@ def load_reward_model(reward_run_dir: str | Path, dtype: str = "auto") -> tuple[
     return model, tokenizer
 
 
+def reward_model_sequence(prompt: str, completion: str, tokenizer: Any, conversation_format: str) -> list[int]:
+    """Token ids of ``prompt + completion`` exactly as stage rm trained the reward model on them.
+
+    Stage rm tokenises the prompt on its own, as inference feeds it (``encode_conversation_prompt``:
+    special tokens only for the ``plain`` format, chat templates carry their own), and the reply
+    on its own, ending with EOS (``rm.scored_sequence``). Tokenising ``prompt + completion`` as
+    one string instead lets BPE merge the prompt's last characters with the completion's first
+    ones: a sequence the reward model never saw.
+
+    Args:
+        prompt: The rendered prompt text (as the policy was given it).
+        completion: The generated reply text (without special tokens).
+        tokenizer: The reward model's tokenizer.
+        conversation_format: The rm run's ``data.conversation_format``.
+
+    Returns:
+        Prompt ids + completion ids + EOS.
+    """
+    from medtune.data.conversations import uses_special_tokens
+    from medtune.data.sft import encode_target
+    from medtune.train.rm import scored_sequence
+
+    row = {"prompt_ids": tokenizer(prompt, add_special_tokens=uses_special_tokens(conversation_format))["input_ids"],
+           "completion_ids": encode_target(tokenizer, completion)}
+    return scored_sequence(row, "completion", tokenizer)
+
+
 def make_model_reward_fn(reward_run_dir: str | Path, batch_size: int = 16, max_length: int = 1024) -> RewardFn:
     """A TRL reward function scoring ``prompt + completion`` with a stage-rm reward model.
 
+    Each pair is scored on the token ids the reward model was trained on
+    (:func:`reward_model_sequence`: the prompt and the completion tokenised apart, the
+    completion ending with EOS), batched and read as in rm's own evaluation
+    (``rm.reward_scores``). A completion cut at ``rl.max_completion_length`` gets the EOS too,
+    so it is scored as a finished reply, the only kind the reward model saw.
+
     Args:
         reward_run_dir: The rm run directory (see :func:`load_reward_model`).
-        batch_size: Texts scored per forward pass.
-        max_length: Longer texts are truncated from the left, keeping the completion.
+        batch_size: Sequences scored per forward pass.
+        max_length: Longer sequences lose tokens from the left, keeping the completion.
 
     Returns:
         ``f(prompts, completions, **kwargs) -> list[float]`` (the raw reward-model logit).
     """
-    import torch
+    from medtune.train.rm import reward_scores
 
+    fmt = (reward_model_config(reward_run_dir).get("data") or {}).get("conversation_format", "plain")
     model, tokenizer = load_reward_model(reward_run_dir)
-    device = next(model.parameters()).device
-    tokenizer.truncation_side = "left"  # the completion (what is being judged) is at the end
 
     def reward_model(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
-        texts = [_as_text(p) + _as_text(c) for p, c in zip(prompts, completions, strict=True)]
-        scores: list[float] = []
-        for start in range(0, len(texts), batch_size):
-            # Right padding: seq-cls models read the logit at the last non-pad token.
-            enc = tokenizer(
-                texts[start: start + batch_size], return_tensors="pt", padding=True, padding_side="right",
-                truncation=True, max_length=max_length, add_special_tokens=False,
-            ).to(device)
-            with torch.inference_mode():
-                scores += model(**enc).logits[:, 0].float().tolist()
-        return scores
+        sequences = [reward_model_sequence(_as_text(p), _as_text(c), tokenizer, fmt)[-max_length:]
+                     for p, c in zip(prompts, completions, strict=True)]
+        return reward_scores(model, tokenizer, sequences, batch_size)
 
     return reward_model

@@ -8,42 +8,65 @@ towards the completions that scored above their group's mean. ``train.batch_size
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-from medtune.config import RunConfig
+from medtune.config import ConfigError, RunConfig
 from medtune.io import write_jsonl
 from medtune.train import common
 
 log = logging.getLogger(__name__)
 
 
-def build_prompt_rows(cfg: RunConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], Any, str, list[dict]]:
-    """Prompt rows for TRL, the template used, the data kind and the rejected rows.
+@dataclasses.dataclass
+class PromptRows:
+    """The RL prompts and where the rows of ``data.train`` went."""
+
+    rows: list[dict[str, Any]]  # one per usable prompt, with the columns the reward reads
+    template: Any  # the exam template or conversation format the prompts were rendered with
+    kind: str  # exam | conversation
+    rejects: list[dict[str, Any]]  # rows rejected as invalid (data.on_invalid=skip)
+    n_read: int  # rows read, rejects included
+    n_beyond: int  # valid rows left out by data.max_samples
+    skipped: list[dict[str, Any]]  # {"id", "reason"}: valid rows the reward cannot score
+
+
+def build_prompt_rows(cfg: RunConfig, tokenizer: Any) -> PromptRows:
+    """Prompt rows for TRL, with the template used, the data kind and the rows left out.
 
     Exam data give ``{"prompt", "options", "answer", "id"}`` (options as a JSON string, see
     :mod:`medtune.train.rewards`); conversations give ``{"prompt", "reference", "id"}`` with the
-    final assistant reply as reference.
+    final assistant reply as reference. With ``rl.reward=exam`` a conversation is scored against
+    that reply, so one without a reply (e.g. a PromptCBLUE test split) is skipped and listed;
+    ``rl.reward=model`` needs prompts only.
 
     Args:
-        cfg: The run config (``data.*`` is read).
+        cfg: The run config (``data.*`` and ``rl.reward`` are read).
         tokenizer: The training tokenizer (chat templates render through it).
 
     Returns:
-        ``(rows, template, kind, rejects)``.
+        The rows and the accounting of the others.
+
+    Raises:
+        ConfigError: ``data.template`` names no exam template.
     """
     from medtune.data.conversations import conversation_prompt
     from medtune.data.exam import detect_kind, load_conversations, load_exam_file
-    from medtune.templates import conversation_template, get_template
+    from medtune.templates import TemplateError, conversation_template, get_template
 
     kind = detect_kind(cfg.data.train)
     rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
     if kind == "exam":
-        template: Any = get_template(cfg.data.template)
+        try:
+            template: Any = get_template(cfg.data.template)
+        except TemplateError as exc:
+            raise ConfigError(f"data.template: {exc}") from exc
         records, rejects = load_exam_file(cfg.data.train, cfg.data.on_invalid)
+        n_valid = len(records)
         if cfg.data.max_samples:
             records = records[: cfg.data.max_samples]
         for rec in records:
@@ -55,13 +78,48 @@ def build_prompt_rows(cfg: RunConfig, tokenizer: Any) -> tuple[list[dict[str, An
             })
     else:
         template = conversation_template(cfg.data.conversation_format)
-        records, rejects = load_conversations(cfg.data.train, cfg.data.on_invalid)
+        needs_reference = cfg.rl.reward != "model"  # the reward is ROUGE-L against the reply
+        records, rejects = load_conversations(cfg.data.train, cfg.data.on_invalid, require_reply=needs_reference)
+        n_valid = len(records)
         if cfg.data.max_samples:
             records = records[: cfg.data.max_samples]
         for conv in records:
+            if needs_reference and not conv.reply.strip():
+                skipped.append({"id": conv.id, "reason": "no reply to score completions against "
+                                                          "(rl.reward=exam on conversations; rl.reward=model "
+                                                          "needs none)"})
+                continue
             prompt, _ = conversation_prompt(conv.prompt_messages, template.name, tokenizer)
             rows.append({"id": conv.id, "prompt": prompt, "reference": conv.reply})
-    return rows, template, kind, rejects
+    return PromptRows(rows=rows, template=template, kind=kind, rejects=rejects, n_read=n_valid + len(rejects),
+                      n_beyond=n_valid - len(records), skipped=skipped)
+
+
+def check_reward_model(cfg: RunConfig) -> str | None:
+    """With ``rl.reward=model``: the reward model's conversation format, once it is known to be a finished rm run.
+
+    Raises:
+        ConfigError: ``rl.reward_model`` is not a finished run directory.
+    """
+    from medtune.train.rewards import reward_model_config
+
+    if cfg.rl.reward != "model":
+        return None
+    try:
+        saved = reward_model_config(cfg.rl.reward_model)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"rl.reward_model: {exc}") from exc
+    return (saved.get("data") or {}).get("conversation_format", "plain")
+
+
+def check_prompt_format(cfg: RunConfig, kind: str, reward_format: str | None) -> None:
+    """Conversation prompts must be rendered as the reward model saw them (its ``data.conversation_format``)."""
+    if reward_format is not None and kind == "conversation" and reward_format != cfg.data.conversation_format:
+        raise ConfigError(
+            f"data.conversation_format: {cfg.data.conversation_format!r}, but the reward model "
+            f"{cfg.rl.reward_model} was trained on {reward_format!r} prompts and would score text it never saw; "
+            f"set data.conversation_format={reward_format}"
+        )
 
 
 def reward_function(cfg: RunConfig, template: Any, kind: str) -> Any:
@@ -101,19 +159,31 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     import torch
     from datasets import Dataset
 
-    from medtune.adapters import peft_config_for, total_optimizer_steps
+    from medtune.adapters import check_method_compatibility, peft_config_for
     from medtune.inference.virtual_tokens import use_virtual_token_generation
-    from medtune.models import load_for_training, training_tokenizer
+    from medtune.models import load_for_training
 
-    # ---- run directory: create, or find the checkpoint to resume from -------------------------
-    run_dir, checkpoint = common.prepare_run_dir(cfg, resume=resume)
-    torch.manual_seed(cfg.train.seed)
+    # ---- checks that must fail before anything is loaded (e.g. QLoRA without a GPU) -----------
+    check_method_compatibility(cfg.adapter, cfg.train)
+    common.check_trainer_names(cfg)
+    # the run directory is checked now but created only once the data is known to be usable
+    run_dir, checkpoint = common.check_run_dir(cfg, resume=resume)
 
     # ---- data: records → prompts (+ the columns the reward reads) ---------------------------------
-    tokenizer = training_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    rows, template, kind, rejects = build_prompt_rows(cfg, tokenizer)
-    if not rows:
-        raise ValueError(f"{cfg.data.train}: no prompts ({len(rejects)} rows rejected)")
+    tokenizer = common.load_training_tokenizer(cfg)
+    reward_format = check_reward_model(cfg)
+    prompts = build_prompt_rows(cfg, tokenizer)
+    rows, template, kind, rejects = prompts.rows, prompts.template, prompts.kind, prompts.rejects
+    check_prompt_format(cfg, kind, reward_format)
+    skipped = prompts.skipped
+    total_steps = common.planned_steps(cfg, len(rows), "prompts", [
+        ("rows read", prompts.n_read),
+        (f"rejected as invalid (data.on_invalid={cfg.data.on_invalid})", len(rejects)),
+        (f"beyond data.max_samples={cfg.data.max_samples}", prompts.n_beyond),
+        (f"skipped, e.g. {skipped[0]['reason']}" if skipped else "skipped", len(skipped)),
+    ])
+    common.create_run_dir(run_dir)
+    torch.manual_seed(cfg.train.seed)
 
     # ---- model + PEFT -----------------------------------------------------------------------------
     model, _, stacked = load_for_training(
@@ -123,11 +193,6 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         attn_implementation=cfg.model.attn_implementation,
         previous_adapter=cfg.model.previous_adapter,
         quantize_4bit=cfg.adapter.method == "qlora",
-    )
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    total_steps = total_optimizer_steps(
-        len(rows), cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
-        cfg.train.epochs, cfg.train.max_steps, world_size,
     )
     # TRL wraps the model with this config itself (and, with beta > 0, uses the adapter-disabled
     # model as the reference, so no second copy of the weights is loaded).
@@ -174,10 +239,10 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         data_files = [cfg.data.train] + ([cfg.rl.reward_model + "/config.yaml"] if cfg.rl.reward == "model" else [])
         common.record_run(cfg, run_dir, template, data_files)
         common.save_json(run_dir / "data_summary.json", {
-            "kind": kind, "prompts": len(rows), "rejected_rows": len(rejects),
+            "kind": kind, "prompts": len(rows), "rejected_rows": len(rejects), "skipped_rows": len(skipped),
             "algorithm": cfg.rl.algorithm, "reward": cfg.rl.reward,
         })
-        write_jsonl(run_dir / "skipped.jsonl", rejects)
+        write_jsonl(run_dir / "skipped.jsonl", skipped + rejects)
         common.note_resume(run_dir, checkpoint)
 
     # ---- train ------------------------------------------------------------------------------------
