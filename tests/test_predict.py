@@ -337,3 +337,16 @@ def test_second_writer_is_refused_while_the_first_runs(records, tmp_path):
         holder.wait()
     time.sleep(0.05)
     assert predict(records, _backend(records), "qa", out, progress=False)["predicted"] == 10  # released on death
+
+
+def test_prompts_longer_than_the_context_are_warned_and_marked(records, tmp_path, caplog):
+    backend = FakeBackend(default="D", context_length=130)  # one token per character
+    tpl = get_template("qa")
+    lengths = {r.id: len(tpl.render_prompt(r)) for r in records}
+    long_ids = {i for i, n in lengths.items() if n + 8 > 130}
+    assert 0 < len(long_ids) < len(records)  # the test needs both kinds
+    out = tmp_path / "p.jsonl"
+    with caplog.at_level("WARNING", logger="medtune.inference.predict"):
+        predict(records, backend, tpl, out, GenerationParams(max_new_tokens=8), progress=False)
+    assert f"{len(long_ids)} of 10 prompts plus up to 8 new tokens exceed the model's context of 130 tokens" in caplog.text
+    assert {row["id"] for row in read_jsonl(out) if row.get("over_context")} == long_ids

@@ -187,6 +187,8 @@ def summarise(scored: list[dict[str, Any]], unscorable: list[dict[str, Any]], to
         n=answers["n"],
         n_no_answer=answers["n_no_answer"],
         n_ambiguous=sum(bool(r.get("ambiguous")) for r in scored),
+        # predictions whose prompt + new tokens did not fit the model's context (see predict)
+        n_over_context=sum(bool(r.get("over_context")) for r in scored),
         n_explanations_scored=explanations["n_explanations_scored"],
         n_explanations_excluded=explanations["n_explanations_excluded"],
         n_unscorable=len(unscorable),

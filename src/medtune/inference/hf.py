@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from medtune.inference.base import GenerationParams, cut_at_stop, stream_with_stops
+from medtune.inference.virtual_tokens import virtual_token_type
 
 
 class HFBackend:
@@ -27,6 +28,8 @@ class HFBackend:
         self.use_adapter = use_adapter
         self.device = next(model.parameters()).device
         self.context_length = model_context_length(model)
+        # prefix/prompt tuning put this many trained positions before every prompt
+        self.virtual_tokens = model.active_peft_config.num_virtual_tokens if virtual_token_type(model) else 0
         # The tokenizer is shared with other threads (the server counts tokens while generating);
         # a padded call temporarily changes its padding settings, so calls are serialised.
         self._tokenizer_lock = threading.Lock()

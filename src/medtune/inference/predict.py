@@ -190,6 +190,27 @@ def _unique_ids(records: list[Any]) -> None:
                          "matched back by id (predict --dedupe keeps the first of identical repeats)")
 
 
+def _over_context(records: list[Any], prompts: dict[str, str], backend: Backend, params: GenerationParams,
+                  add_special_tokens: bool) -> set[str]:
+    """Ids whose prompt plus ``max_new_tokens`` exceeds the model's context; warns once, loudly.
+
+    Such outputs are not refused (one long question should not stop a 7,000-question run), but
+    they are marked ``over_context`` in their prediction line, and the warning says how many.
+    """
+    limit = getattr(backend, "context_length", None)
+    if not limit:
+        return set()
+    extra = getattr(backend, "virtual_tokens", 0) + params.max_new_tokens
+    need = {r.id: backend.count_tokens(prompts[r.id], add_special_tokens=add_special_tokens) + extra for r in records}
+    over = {i for i, n in need.items() if n > limit}
+    if over:
+        first = max(over, key=need.__getitem__)
+        log.warning("%d of %d prompts plus up to %d new tokens exceed the model's context of %d tokens (longest: id "
+                    "%r, %d tokens); their outputs are unreliable and are marked over_context", len(over),
+                    len(records), params.max_new_tokens, limit, first, need[first])
+    return over
+
+
 def _run(
     records: list[Any],
     prompts: dict[str, str],
@@ -210,6 +231,7 @@ def _run(
     with _exclusive(out_path):
         done = _resume_state(out_path, source, prompts, overwrite)
         todo = sorted((r for r in records if r.id not in done), key=lambda r: len(prompts[r.id]))
+        too_long = _over_context(todo, prompts, backend, params, add_special_tokens)
         with JsonlAppender(out_path) as sink, tqdm(
             total=len(records), initial=len(records) - len(todo), desc="predict", unit=unit, disable=not progress
         ) as bar:
@@ -218,7 +240,8 @@ def _run(
                 outputs = backend.generate([prompts[r.id] for r in batch], params,
                                            add_special_tokens=add_special_tokens)
                 for rec, output in zip(batch, outputs, strict=True):
-                    sink.write({**make_row(rec, output), "source": source["key"]})
+                    flag = {"over_context": True} if rec.id in too_long else {}
+                    sink.write({**make_row(rec, output), "source": source["key"], **flag})
                 bar.update(len(batch))
     return {"total": len(records), "already_done": len(records) - len(todo), "predicted": len(todo)}
 
