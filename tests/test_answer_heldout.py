@@ -730,29 +730,11 @@ ROWS: list[tuple[str, str, str, str, bool]] = [
 
 # Misses measured on the first run (keyed by output text), kept in the table; see the module docstring.
 LETTER_MISSES: dict[str, str] = {
-    "【答案】A": "【答案】A (full-width lenticular brackets) read as no answer",
-    "<think>\n首先考虑A，肌红蛋白出现最早……但特异性差。再看C，肌钙蛋白": "truncated <think> with no final answer read as A via option text 肌红蛋白",
-    "The correct options are A, B, D and E.": "English list 'A, B, D and E' read as no answer",
-    "The answer is B, C-reactive protein.": "'The answer is B, C-reactive protein.' read as BC (C of C-reactive taken as a letter)",
-    "答案：A\n\n抱歉，上面回答有误。小儿急性肾小球肾炎最常见的前驱感染是呼吸道链球菌感染，正确答案是B。": "apology-style correction '抱歉，上面回答有误…正确答案是B' read as conflict",
-    "A错误 B错误 C正确 D错误": "space-separated verdicts 'A错误 B错误 C正确 D错误' read as no answer",
-    "甲状腺结节良恶性难以判断时，首选穿刺检查（E）。": "'难以判断' in a statement taken as a refusal; bracketed (E) ignored",
-    "我国肝硬化最常见的病因是病毒性肝炎（B），西方国家则以酒精性肝病为主。": "'病毒性肝炎（B），西方国家则以酒精性肝病为主' read as AB (option text of a contrasted option)",
-    "答案是肌钙蛋白": "partial option text 肌钙蛋白 (option 心肌肌钙蛋白) read as no answer",
+    # Needs the question stem (麻黄汤), which read_answer does not receive: every formula's 功用 is
+    # stated the same way, so nothing in the output tells which option is the answer.
     "麻黄汤的功用是发汗解表，宣肺平喘。麻黄汤由麻黄、桂枝、杏仁、甘草组成，主治外感风寒表实证。桂枝汤的功用是解肌发表，调和营卫。小青龙汤的功用是解表散寒，温肺化饮。": "rambling naming other formulas' 功用 read as ABC",
-    "答案是C。\n\n解析：CK-MB对早期诊断意义大，因此答案是B。": "'答案是C…因此答案是B' with no revision cue read as final B, not a conflict",
-    '{"answer": "ACD"}\n\n答案：ABD': "JSON ACD then 答案：ABD read as ACD, not a conflict",
-    "首选ACEI类药物，可减少尿蛋白。": "abbreviation ACEI for option ACE抑制剂 read as no answer",
-    "不是A，是B。": "'不是A，是B。' read as no answer",
-    "B和E不对，其余都对。": "'B和E不对，其余都对。' read as no answer",
 }
-AMBIGUITY_MISSES: dict[str, str] = {
-    "答案：A\n\n抱歉，上面回答有误。小儿急性肾小球肾炎最常见的前驱感染是呼吸道链球菌感染，正确答案是B。": "explicit apology-correction flagged ambiguous",
-    "我觉得是A或者C，两者都有解表作用。": "hedge 'A或者C' not flagged ambiguous",
-    "It could be either B or C.": "hedge 'either B or C' not flagged ambiguous",
-    "答案是C。\n\n解析：CK-MB对早期诊断意义大，因此答案是B。": "conflicting 答案是C / 因此答案是B not flagged ambiguous",
-    '{"answer": "ACD"}\n\n答案：ABD': "conflicting JSON ACD / 答案：ABD not flagged ambiguous",
-}
+AMBIGUITY_MISSES: dict[str, str] = {}
 
 # Letters right on the first run (before any xfail marking): the summary's floor.
 FIRST_RUN_LETTERS_RIGHT = 192  # of 207; flag right 202 of 207

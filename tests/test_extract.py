@@ -193,3 +193,58 @@ def test_parse_robust_is_read_answer_letters():
     for output in ("答案：D、A", "A或B", '{"answer": ["A", "C"]}', "变异型心绞痛"):
         for options in (BACTERIA, ANGINA):
             assert parse_robust(output, options) == read_answer(output, options).letters
+
+
+# ---- general rules added after the blind held-out review (tests/test_answer_heldout.py) -------
+
+HTN_DRUGS = {"A": "噻嗪类利尿剂", "B": "ACE抑制剂", "C": "钙通道阻滞剂", "D": "β受体阻滞剂"}
+
+
+@pytest.mark.parametrize(
+    ("output", "options", "letters", "ambiguous"),
+    [
+        # reasoning blocks are not the answer; a truncated one leaves no answer
+        ("<think>可能是A？再想想</think>\n答案：C", BACTERIA, "C", False),
+        ("<think>\n先看A，肺炎链球菌不产生凝固酶……再看B，金黄色", BACTERIA, "", False),
+        # a bracketed answer marker; English plural "options are"; a hyphenated term is no letter
+        ("【正确答案】B", BACTERIA, "B", False),
+        ("The correct options are A and C.", BACTERIA, "AC", False),
+        ("Answer: A, B-cell counts are normal.", BACTERIA, "A", False),
+        # an apology admitting a mistake corrects the earlier answer
+        ("答案：A\n不好意思，前面的答案错了，应选C。", BACTERIA, "C", False),
+        # a plain "所以" does not overrule an explicit answer stated before (nor does JSON yield)
+        ("答案：B\n\n解析：……所以答案是C。", BACTERIA, "", True),
+        ("答案：B\n\n解析：……最终答案是C。", BACTERIA, "C", False),
+        ('{"answer": "B"}\n答案：C', BACTERIA, "", True),
+        # verdicts separated by spaces; complements of explicit verdicts
+        ("A错 B错 C错 D对 E错", BACTERIA, "D", False),
+        ("A、C不对，其余都对。", BACTERIA, "BDE", False),
+        ("除A外均正确", BACTERIA, "BCDE", False),
+        # "难以判断" in medical prose is no refusal; said of the question it is
+        ("凝固酶结果难以判断时，应考虑金黄色葡萄球菌（B）。", BACTERIA, "B", False),
+        ("本题难以判断。", BACTERIA, "", False),
+        # a bracket ending a clause beats option texts named elsewhere
+        ("能产生凝固酶的是金黄色葡萄球菌（B），大肠埃希菌则不能。", BACTERIA, "B", False),
+        # a unique partial option text after an answer marker; the XI abbreviation of X抑制剂
+        ("答案是金黄色葡萄", BACTERIA, "B", False),
+        ("答案是球菌", BACTERIA, "", False),  # in two options: no answer
+        ("ACEI能减少蛋白尿。", HTN_DRUGS, "B", False),
+        # "不是X，是Y"
+        ("不是C，是B。", BACTERIA, "B", False),
+        # alternatives anywhere are a hedge; a refusal is not
+        ("我猜是B或者D吧。", BACTERIA, "", True),
+        ("It might be A or C.", BACTERIA, "", True),
+        ("I'm not sure. Maybe A or C.", BACTERIA, "", False),
+        ("可能是金黄色葡萄球菌或大肠埃希菌", BACTERIA, "", True),
+    ],
+)
+def test_read_answer_general_rules(output, options, letters, ambiguous):
+    reading = read_answer(output, options)
+    assert (reading.letters, reading.ambiguous) == (letters, ambiguous), reading.method
+    assert parse_robust(output, options) == letters
+
+
+def test_read_answer_drops_the_reasoning_block_before_splitting():
+    output = "<think>答案：A？不对。</think>\nB\n理由：凝固酶阳性"
+    reading = read_answer(output, BACTERIA, None, "理由：")
+    assert (reading.letters, reading.explanation, reading.in_region) == ("B", "凝固酶阳性", True)

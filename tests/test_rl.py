@@ -60,6 +60,12 @@ def test_exam_reward_format_needs_letters_in_the_answer_region():
         assert not has_answer_format("C", OPTS, paper)
 
 
+def test_exam_reward_format_marker_inside_reasoning_earns_no_bonus():
+    # 理由： only inside <think>: the answer after it is right but not in the template's format
+    assert exam_reward(["<think>理由：想一想</think>C"], [OPTS], ["C"], QA) == [1.0]
+    assert exam_reward(["<think>想一想</think>C\n理由：颈椎病"], [OPTS], ["C"], QA) == [1.1]
+
+
 def test_exam_reward_bonus_zero_and_length_check():
     assert exam_reward(["C\n理由：x"], [OPTS], ["C"], QA, format_bonus=0.0) == [1.0]
     with pytest.raises(ValueError):

@@ -20,8 +20,11 @@ Two parsers are provided.
     the cascade below, falls back to the whole output when the region holds no answer, and
     reports conflicts as ``ambiguous``.
 
-    0. **Prepare.** Unicode NFKC (full-width ``Ａ``/``：``/``（`` become ASCII). Case is not
-       folded globally: a lowercase letter only counts standing alone in an answer position.
+    0. **Prepare.** A thinking model's reasoning block is not its answer: :func:`read_answer`
+       and :func:`parse_robust` read only the text after the last ``</think>`` (also
+       ``</thinking>``, ``</reasoning>``); an unclosed ``<think>`` (cut off while thinking) leaves
+       only the text before it, usually nothing. The explanation comes from the same text.
+       Unicode NFKC (full-width ``Ａ``/``：``/``（`` become ASCII). Case is not folded globally: a lowercase letter only counts standing alone in an answer position.
        Base-model rambling is removed: a *new question the model invents* (a question line
        followed by option lines that are not this question's options, or a ``问题：``/
        ``题目：``/``Question:``/``第2题`` line after the first line) is cut off with
@@ -31,54 +34,82 @@ Two parsers are provided.
        nor its texts are read.
     1. **JSON** (also inside a code fence): the value of ``answer``/``答案``/``正确答案``/
        ``正确选项``/``final_answer`` (else ``choice``/``选项``/``option``), given as ``"B"``,
-       ``"A,C"``, ``["A", "C"]`` or an option text. Two different values → ambiguous.
+       ``"A,C"``, ``["A", "C"]`` or an option text. Two different values → ambiguous. An
+       explicit answer statement (step 2) outside the object is weighed against the JSON value
+       like a second statement: a different one is a conflict unless it corrects it or declares
+       the final answer (``{"answer": "ACD"}`` then ``答案：ABD`` → ambiguous).
     2. **Answer statements.** Every explicit answer marker followed by a letter group or an
        option text is a statement: ``答案``, ``正确答案``, ``正确选项``, ``最终答案``,
-       ``参考答案``, ``答:``, ``选`` (not in ``选项``/``不选``/``首选``/``筛选``/``候选``/
-       ``误选``/``漏选``/``可选``), ``正确的是``, ``应为``/``应该是``, ``可能是``,
+       ``参考答案`` (also bracketed: ``【答案】A``), ``答:``, ``选`` (not in ``选项``/``不选``/
+       ``首选``/``筛选``/``候选``/``误选``/``漏选``/``可选``), ``正确的是``, ``应为``/``应该是``, ``可能是``,
        ``诊断为``, ``考虑为``, ``而是``, ``故``/``因此``/``所以``/``综上``/``总之``/``最终``,
-       ``更正``/``改为``/``改选``, ``answer is``/``answer:``/``option is``/``choose``/
-       ``therefore``; fillers such as ``是``/``为``/``应该选``/``本题``/``:``/``选项``/``**``
+       ``更正``/``改为``/``改选``, ``answer is``/``answer:``/``option is``/``options are``/
+       ``choose``/``therefore``, and a clause opening with ``是`` after one rejecting a letter
+       (``不是A，是B``); fillers such as ``是``/``为``/``应该选``/``本题``/``:``/``选项``/``**``
        may sit between. Weak cues count only when the letters end the sentence or line:
        ``…的是E。``, ``回到本题：E``. A negated marker (``因此不能诊断为…``) and an option text
        followed by a negation or by CMExam's ``（D错）`` state nothing; after a pure
-       conclusion cue (``故``, ``因此``, ``更正``, ...) only letters count. The letter group
+       conclusion cue (``故``, ``因此``, ``更正``, ...) only letters count. After a marker
+       naming the answer (``答案``, ``正确答案``, ``正确选项``, ``answer``) a phrase running to
+       the end of its clause that lies in exactly one option's text, and is at least half of
+       it, names that option (``答案是肌钙蛋白`` → ``心肌肌钙蛋白``). The letter group
        at the start of the text (``B\n理由：...``, ``AC。...``) is a statement too, unless it
        labels an option verdict (``A. 肺炎链球菌 ✗``) or the first line of an option-by-option
-       analysis (``A. 胸部CT——不是首选`` / ``B. …`` / ``C. …``). A statement is *final* when its sentence holds a
-       conclusion cue (``最终``, ``综上``, ``故``, ``因此``, ``所以``, ``therefore``, ...), and
-       *corrected* when a self-correction cue (``更正``, ``重新考虑``, ``改为``, ``不对``,
-       ``错了``, ``actually``, ``wait``, ...) lies between it and the previous statement.
+       analysis (``A. 胸部CT——不是首选`` / ``B. …`` / ``C. …``). A statement is *final* when
+       its sentence holds a conclusion cue (``最终``, ``综上``, ``故``, ``因此``, ``所以``,
+       ``therefore``, ...); the cue *declares* the final answer when it is ``最终``, ``综上``, ``总之``, ``更正``/``改为``/...,
+       ``final`` or ``in conclusion`` (not a mere ``因此``/``所以``/``故``/``therefore``). A
+       statement is *explicit* when made with ``答案``/``正确选项``/``答:``/``选``/``answer``/
+       ``option``/``choose`` (or JSON), and *corrected* when a self-correction cue (``更正``,
+       ``重新考虑``, ``改为``, ``不对``, ``错了``, an apology admitting a mistake such as
+       ``抱歉，上面回答有误`` or ``sorry, … the correct answer is``, ``actually``, ``wait``, ...)
+       lies between it and the previous statement.
        Resolution, left to right: a corrected statement replaces the current answer; a final
-       one replaces a tentative one; two different answers of the same rank (or a tentative
-       answer contradicting a final one) are a **conflict** → ``""``, ambiguous. So the last
-       final answer wins over earlier tentative ones.
-    3. **Refusals** (``无法回答``, ``不知道``, ``无法确定``, ``抱歉``, ``作为AI``,
-       ``I cannot``, ...) → ``""``: options a refusal mentions are not read as a choice. Only
-       checked when steps 1-2 found nothing, so an explicit answer beats hedging wording.
+       one replaces a tentative one, except that a mere ``因此``/``所以`` does not overrule an
+       earlier explicit answer (``答案是C。…因此答案是B。`` is a conflict; ``最终答案是B``
+       overrules it); two different answers of the same rank (or a tentative answer
+       contradicting a final one) are a **conflict** → ``""``, ambiguous. So the last final
+       answer wins over earlier tentative ones.
+    3. **Refusals** (``无法回答``, ``不知道``, ``抱歉``, ``作为AI``, ``I cannot``, ...) → ``""``:
+       options a refusal mentions are not read as a choice. Only checked when steps 1-2 found
+       nothing, so an explicit answer beats hedging wording. ``无法确定``/``难以判断``/... are a
+       refusal only when said of the question or its answer -- opening their clause, after
+       ``我``/``本题``/``这道题``/``题干``/..., or before ``答案``/``哪``/``选`` -- not in medical
+       prose (``结节良恶性难以判断时，首选穿刺检查（E）。`` → ``E``).
     4. **Option verdicts** (no statement found): option-by-option judgements such as
        ``A …正确`` / ``B …错误``, ``A. xxx ✓`` / ``B. xxx ✗``, ``A项正确``, ``A错，B对``,
-       ``C正确，A、B、D、E均不正确``, CMExam's ``（D对）``, or an option named by its text at
-       the start of a line or clause (``呋塞米：会引起低钾 ✔``). A bare ``对``/``错`` only
-       counts when the clause ends right after it (``长春新碱对外周神经…`` is no verdict) and a
-       ``×`` between numbers is a multiplication sign. The options judged correct are the
+       ``C正确，A、B、D、E均不正确``, CMExam's ``（D对）``, verdicts on one line separated by
+       spaces (``A错误 B错误 C正确``), or an option named by its text at the start of a line or
+       clause (``呋塞米：会引起低钾 ✔``). A verdict on *the rest* applies to every option not
+       judged explicitly (``B和E不对，其余都对`` → ``ACD``); ``除C外均正确`` judges C the other
+       way (→ ``ABDE``). A bare ``对``/``错`` only counts when the clause ends (or the next label
+       follows) right after it (``长春新碱对外周神经…`` is no verdict) and a ``×`` between
+       numbers is a multiplication sign. The options judged correct are the
        answer (questions asking for the *wrong* statement cannot be told apart without the
        question, so verdicts are read with positive polarity). An option judged both ways →
-       ambiguous. Options judged wrong are excluded from steps 5-6.
+       ambiguous. Options judged wrong are excluded from steps 5-6. Then, with no verdict
+       found, letters offered as alternatives anywhere (``我觉得是A或者C``,
+       ``It could be either B or C``) are a hedge (see below).
     5. **Bracketed letter ending a sentence**: ``…首选穿刺检查（E）。`` → ``E`` (the last such
-       bracket, skipping ones in a negated clause such as ``不是…（A）``).
+       bracket, skipping ones in a negated clause such as ``不是…（A）``); when no bracket ends
+       a sentence, the last one ending a clause (``…的病因是病毒性肝炎（B），西方国家则…`` →
+       ``B``). An explicit bracketed letter beats option texts named elsewhere.
     6. **Option text matched whole**, longest first (a variant without a trailing parenthetical
        is tried too); a match inside an already matched longer option (``心绞痛`` inside
        ``变异型心绞痛``) is ignored; a negated match (``排除…``, ``…不是``) is not counted.
        Texts shorter than two characters only count when they are the whole output. When
        every option is mentioned (the model restated them all), only options mentioned again
-       count.
+       count. An option text ``<Latin>抑制剂`` is also named by the usual abbreviation with
+       ``I`` for inhibitor (``ACE抑制剂`` ← ``ACEI``). Option texts offered as alternatives
+       (``金黄色葡萄球菌或大肠埃希菌``) are a hedge.
     7. Nothing matched → ``""``.
 
     **Hedges are not answers**: a letter group naming every option of the question
     (``A B C D E``, ``ABCDE``; so a question whose gold answer is every option can never be
-    scored right), alternatives (``A或B``, ``A or B``, ``A还是B``) and a multi-letter group
-    followed by a question mark (``A/B?``) read as ``""`` with ``ambiguous`` set.
+    scored right), alternatives (``A或B``, ``A or B``, ``A还是B``, ``可能是X或Y`` with option
+    texts; in an output with no statement, also anywhere in it: ``我觉得是A或者C``) and a
+    multi-letter group followed by a question mark (``A/B?``) read as ``""`` with ``ambiguous``
+    set. A refusal is not a hedge (``I'm not sure. It could be B or D.`` is not flagged).
 
     **Ambiguity** (:attr:`AnswerReading.ambiguous`): a hedge; conflicting statements or JSON
     values (→ ``""``); an option judged both right and wrong; verdicts that contradict the
@@ -86,6 +117,8 @@ Two parsers are provided.
     answer stated around the answer region (e.g. in the explanation) that differs from the
     region's answer (→ ``""``, a conflict) -- unless that later statement is final or a
     self-correction, which then wins (``B\n理由：…更正：答案为C`` → ``C``, not ambiguous).
+    Here any conclusion cue counts (``答案：B\n理由：……因此答案是C`` → ``C``): the slot is filled
+    before the reasoning that follows it, unlike two answers stated in free text (step 2).
     Around the region only letters state answers: an option text in an explanation
     (``应诊断为房间隔缺损``) is discussion, unless a self-correction cue precedes it.
 
@@ -98,7 +131,8 @@ Two parsers are provided.
     text or label a lone ``A`` followed by an English word is the article, and a multi-letter
     run followed by a CJK character (other than ``项``/``均``/``正确``/...) or an English word
     is a term (``ACE抑制剂``, ``ACE inhibitors``). A letter glued to a term suffix (``B超``,
-    ``C反应蛋白``, ``B族``) is not an answer.
+    ``C反应蛋白``, ``B族``) or hyphenated to a word (``C-reactive protein``, ``B-cell``) is not
+    an answer.
 
     Negations: a letter group followed by ``均不正确``, ``都不对``, ``错误``, ``不选``,
     ``排除``, ``is incorrect``, ... is not an answer (``A、B均不正确``); after a comma only the
@@ -218,6 +252,8 @@ class _Statement:
     hedge: bool
     leading: bool = False
     by_text: bool = False  # named by option text, not by letters
+    firm: bool = False  # an explicit answer statement ("答案是C", "选C", "answer is C", JSON)
+    strong: bool = False  # its sentence declares the final answer ("最终", "综上", "更正", "final")
 
 
 class _Block(NamedTuple):
@@ -245,7 +281,9 @@ _OPEN, _CLOSE = "([【\"'“‘「", ")]】\"'”’」"
 # An English word right after a letter means the letter is prose ("a combination", "A patient").
 _ENGLISH_WORD_AFTER_RE = re.compile(r"[ \t]+(?!(?:and|or|is|are)\b)[a-z]")
 # A letter glued to one of these is part of a medical term (B超, X线, C反应蛋白, B族维生素, B肝).
-_TERM_SUFFIX_RE = re.compile(r"超|线|型|族|反应|细胞|淋巴|因子|受体|抗原|抗体|蛋白|波|肝|类|级")
+_TERM_SUFFIX_RE = re.compile(r"-?(?:超|线|型|族|反应|细胞|淋巴|因子|受体|抗原|抗体|蛋白|波|肝|类|级)")
+# A letter hyphenated to a word is a term too (C-reactive, B-cell, X-ray); "B-D" is not.
+_HYPHEN_TERM_RE = re.compile(r"-(?:[A-Za-z]{2}|[a-z])")
 # A CJK character that may follow a multi-letter run in a label/answer position ("AC正确",
 # "ABD项"); any other CJK character makes the run a term ("ACE抑制剂").
 _AFTER_RUN_OK_RE = re.compile(r"项|选项|均|都|皆|正确|错误|不正确|不对|对|错|两项|三项|和|与|及|或")
@@ -253,6 +291,7 @@ _AND_SEP_RE = re.compile(
     r"[ \t]*(?:、|,|/|&|\+|和|与|與|以及|及|(?i:and)\b)[ \t]*"
     r"|[ \t]+(?=[A-Z](?![A-Za-z]))"  # "A C": space-separated upper-case letters
 )
+_ALT_CANDIDATE_RE = re.compile(r"(?<![A-Za-z0-9])[A-Z](?![A-Za-z0-9])[ \t]*(?:或|还是|抑或|(?i:or)\b)")
 _ALT_SEP_RE = re.compile(r"[ \t]*(?:或者|或是|或|还是|抑或|(?i:or)\b)[ \t]*")
 _NEG_WORDS = (
     r"不完全正确|不正确|不对|错误|错(?![开过失位])|不选|不是|排除|除外|不符合|不符|不考虑"
@@ -270,19 +309,34 @@ _MARKER_RE = re.compile(
     r"最终答案|正确答案|正确选项|参考答案|标准答案|答案|答(?=[ \t]*:)"
     r"|(?<![不首筛候误漏可])选(?!项)"
     r"|正确的(?:是|为|选项)|应该?(?:是|为)|(?:可能|诊断|考虑)(?:是|为)|而是|的是|故|因此|所以|综上所述|综上|总之|最终"
-    r"|更正|改正|修正|纠正|改为|改选"
-    r"|(?i:(?:final[ \t]+)?answers?\b[ \t]*(?:is\b|:|-)?|(?:option|choice)\b[ \t]*(?:is\b|:)"
+    r"|更正|改正|修正|纠正|改为|改选|(?<=[,;])是"
+    r"|(?i:(?:final[ \t]+)?answers?\b[ \t]*(?:is\b|are\b|:|-)?|(?:options?|choices?)\b[ \t]*(?:is\b|are\b|:)"
     r"|\bchoose\b|\bselect\b|\bpick\b|\btherefore\b|\bthus\b|\bhence\b)"
 )
 # What may sit between a marker and the letters: "答案应该是：选项 B", "answer is: **B**".
 _FILLER_RE = re.compile(
-    r"(?:选项|选择|本题|此题|该题|的|[ \t\n:=*#>\-是为為应應该該选選择擇就可能也,]"
+    r"(?:选项|选择|本题|此题|该题|的|[ \t\n:=*#>\-】\]是为為应應该該选選择擇就可能也,]"
     r"|(?i:option|choice|letter|would|should|be|is|are|probably|likely|the|correct|final|answer)\b)*"
 )
 _LEADING_RE = re.compile(r"[\s*#>\-]*(?:选项|(?i:option)\b)?\s*")
 _FINAL_CUE_RE = re.compile(
     r"最终|综上|故|因此|所以|总之|更正|改正|修正|纠正|改为|改选|(?i:final|therefore|thus|hence|in conclusion)"
 )
+# Explicit answer markers: their statements are firm (a plain conclusion cue does not overrule them).
+_FIRM_MARKER_RE = re.compile(
+    r"(?:最终|正确|参考|标准)?答案|正确选项|答|选"
+    r"|(?i:(?:final[ \t]+)?answers?\b.*|(?:options?|choices?)\b.*|choose|select|pick)",
+    re.DOTALL,
+)
+# Markers naming the answer itself, after which a partial option text may follow ("答案是肌钙蛋白").
+_ANSWER_WORD_RE = re.compile(r"(?:最终|正确|参考|标准)?答案|正确选项|(?i:(?:final[ \t]+)?answers?\b.*)", re.DOTALL)
+# Cues that declare the final answer (not a mere "therefore"): the statement overrules firm ones.
+_STRONG_FINAL_RE = re.compile(r"最终|综上|总之|更正|改正|修正|纠正|改为|改选|(?i:final|in conclusion)")
+# An option text offered with another as an alternative: "金黄色葡萄球菌（B）或大肠埃希菌".
+_TEXT_ALT_RE = re.compile(r"(?:[ \t]*\([ \t]*[A-Za-z][ \t]*\))?[ \t]*(?:或者|或是|或|还是|抑或|(?i:or)\b)[ \t]*")
+# After an explicit answer marker, a phrase found in exactly one option's text names that option
+# ("答案是肌钙蛋白" → "心肌肌钙蛋白"); the phrase runs to the end of its clause.
+_PHRASE_END_RE = re.compile(r"[,.;:!?。、()\[\]【】\n]")
 # Markers that only announce a conclusion: an option text after them is a statement of fact
 # ("更正：维生素D同样是脂溶性维生素"), so only letters count there.
 _CUE_ONLY_MARKER_RE = re.compile(r"故|因此|所以|综上所述|综上|总之|最终|更正|改正|修正|纠正")
@@ -291,6 +345,8 @@ _CUE_ONLY_MARKER_RE = re.compile(r"故|因此|所以|综上所述|综上|总之|
 _WEAK_MARKER_RE = re.compile(r"的是|:")
 _COLON_RE = re.compile(r":")
 # "因此不能诊断为…", "不应为…": the marker is negated.
+# "不是A，是B": a clause opening with 是 states an answer only after a clause rejecting a letter.
+_CONTRAST_NEG_RE = re.compile(r"(?:不是|并非|而非)[ \t]*[A-Z]")
 _NEG_MARKER_RE = re.compile(r"(?:不能|不应该?|不可能?|不会|不是|并非|无法|不宜|不)[ \t]*$")
 # CMExam's annotation right after an option text: "法洛四联症（D错）".
 _BRACKET_NEG_RE = re.compile(r"[ \t]*\([ \t]*[A-Z、, ]*[ \t]*(?:错|不对|不正确|×|✗)")
@@ -298,20 +354,33 @@ _ENDS_SENTENCE_RE = re.compile(r"[ \t]*[。.!;,]?[ \t]*(?:\n|$)")
 _CORRECTION_RE = re.compile(
     r"更正|改正|修正|纠正|改为|改选|重新考虑|重新分析|重新审题|再考虑|再想|再次分析|仔细(?:想|考虑|分析)"
     r"|(?<![A-Za-z项法述])不对|错了|搞错|看错"
-    r"|(?i:actually|wait\b|correction|on second thought|i was wrong|my mistake)"
+    # an apology for, or an admission of, an earlier mistake: "抱歉，上面回答有误", "Sorry, the correct answer is"
+    r"|(?:抱歉|对不起|不好意思)[^。\n无不]{0,12}?(?:有误|有错|错误|不对|更正|纠正|修正|正确答案|应为|应该是)"
+    r"|(?:上面|上述|以上|前面|之前|刚才)的?(?:(?:回答|答案|分析|判断|选择)(?:有误|有错|错误|不对)|有误|有错)"
+    r"|(?i:actually|wait\b|correction|on second thought|i was wrong|my mistake"
+    r"|sorry\b[^.\n]{0,40}?(?:mistake|wrong|incorrect|error|correct answer))"
 )
 _REFUSAL_RE = re.compile(
-    r"无法回答|无法作答|不能回答|不知道|无法确定|不能确定|无法判断|不能判断|难以判断|难以确定"
+    r"无法回答|无法作答|不能回答|不知道"
     r"|无法给出|不能给出|无法提供|不能提供|无法选择|我不确定|不太确定|抱歉|作为(?:一个)?(?:AI|人工智能|语言模型)"
     r"|(?i:I cannot|I can't|I can not|I don't know|I'm not sure|I am not sure|unable to|not able to|as an AI)"
 )
 
+# "无法确定"/"难以判断" is a refusal only when the model says it of the question or its answer
+# ("我无法确定", "本题难以判断", "无法确定，…", "无法判断哪项"), not in medical prose
+# ("结节良恶性难以判断时，首选穿刺").
+_WEAK_REFUSAL_RE = re.compile(r"(?:无法|不能|难以)(?:判断|确定)")
+_REFUSAL_SUBJECT_RE = re.compile(r"我|本题|此题|该题|这道题|这题|这个问题|题干|题目")
+_REFUSAL_OBJECT_RE = re.compile(r"[ \t]*(?:答案|哪|选|正确|是[ \t]*[A-Z])")
+
 # Option verdicts. A label is a letter group at the start of a line/clause (or "X项" anywhere).
 _LABEL_AT_RE = re.compile(r"(?:^|(?<=[\n;。,:!?、(]))[ \t*#>\-•·]*(?:选项|(?i:option)[ \t]*)?", re.MULTILINE)
 _LABEL_XIANG_RE = re.compile(r"(?<![A-Za-z])(?=[A-Z][ \t]*(?:选项|项))")
+# Verdicts on one line separated by spaces: "A错误 B错误 C正确".
+_LABEL_AFTER_VERDICT_RE = re.compile(r"(?:正确|错误|不对|对|错|[✓✗✔✘√❌✅])[ \t]+(?=[A-Z])")
 # A bare 对/错/符合 is a verdict only when a clause ends right after it ("A对，B错", "(D对)"):
 # "长春新碱对外周神经…" uses 对 as a preposition. A × between numbers is a multiplication sign.
-_CLAUSE_END = r"(?=[ \t]*(?:[,.;:。、)\]】!?\n]|$))"
+_CLAUSE_END = r"(?=[ \t]*(?:[,.;:。、)\]】!?\n]|$)|[ \t]+[A-Z](?![A-Za-z0-9]))"  # "A对 B错": a label follows
 _TIMES = r"(?<![0-9A-Za-z.])×"
 _VERDICT_IMM_RE = re.compile(
     r"[ \t]*(?:项|选项)?[ \t:.、,)\-—–=>→]*(?:的)?(?:说法|描述|叙述|表述)?[ \t]*(?:均|都|皆|也|亦|全|则)?"
@@ -325,12 +394,23 @@ _VERDICT_SEG_RE = re.compile(
     r"(?P<neg>不完全正确|不正确|不对|错误|不符合|✗|✘|" + _TIMES + r"|❌|(?i:incorrect|wrong)\b)"
     r"|(?P<pos>正确(?!答案|选项|的是|的选项)|✓|✔|√|✅|(?i:correct)\b)"
 )
+_REST_WORDS = r"(?:其余|其他|其它|余下|剩下|剩余)(?:的)?(?:各|几)?(?:选项|项|个)?"
+_ALL_VERDICT = (
+    r"[ \t]*(?:的)?(?:说法|描述|叙述|表述)?[ \t]*(?:均|都|皆|全)[ \t]*(?:是|为)?[ \t]*"
+    r"(?:(?P<neg>不正确|不对|错误|错" + _CLAUSE_END + r")|(?P<pos>正确|对" + _CLAUSE_END + r"))"
+)
+_REST_VERDICT_RE = re.compile(_REST_WORDS + _ALL_VERDICT)
+_EXCEPT_VERDICT_RE = re.compile(
+    r"除(?:了)?[ \t]*(?:选项)?[ \t]*(?P<letters>[A-Z](?:[ \t]*[、,和与及][ \t]*[A-Z])*)[ \t]*(?:项|选项)?[ \t]*(?:以)?外"
+    r"[ \t,]*(?:" + _REST_WORDS + r")?" + _ALL_VERDICT
+)
 _SEGMENT_END_RE = re.compile(r"[\n。;]")
 _LABEL_LINE_RE = re.compile(r"^[ \t*#>\-•·]*(?:选项)?[ \t]*([A-J])[ \t]*(?:[.、:)]|项|选项)[ \t]*\S", re.MULTILINE)
 
 _BRACKET_RE = re.compile(
-    r"[(\[【][ \t]*([A-Z](?:[ \t]*[、,][ \t]*[A-Z])*)[ \t]*(?:项|选项)?[ \t]*[)\]】](?=[ \t]*(?:[。.!;\n]|$))"
+    r"[(\[【][ \t]*([A-Z](?:[ \t]*[、,][ \t]*[A-Z])*)[ \t]*(?:项|选项)?[ \t]*[)\]】](?=[ \t]*(?:[。.!;,\n]|$))"
 )
+_SENTENCE_END_AFTER_RE = re.compile(r"[ \t]*(?:[。.!;\n]|$)")
 
 _JSON_PAIR_RE = re.compile(
     r"(?<![A-Za-z_])[\"'“”]?(?P<key>(?i:final_answer|correct_answer|answers?|choices?|options?)|最终答案|正确答案|正确选项|答案|选项|选择)"
@@ -350,12 +430,16 @@ _STRONG_CUE_RE = re.compile(
 _VERDICT_WORD_RE = re.compile(r"正确|错误|对|错|✓|✗|✔|✘|√|×|❌|✅|(?i:correct|wrong)")
 _LISTING_GAP_RE = re.compile(r"[\s,;、|/]*")
 _GLOSS_RE = re.compile(r"[ \t]*\([^()]*\)")
+_INHIBITOR_RE = re.compile(r"([a-z]{2,})[ \t]*抑制剂")  # on folded option text
 _TRAILING_GLOSS_RE = re.compile(r"\s*\([^()]*\)\s*$")
 _LISTING_LABEL_RE = re.compile(r"(?<![a-z])([a-z])[ \t]*[.、:)]?[ \t]*$")  # "a. " before an option text
 _QUESTION_MARK_RE = re.compile(r"[ \t]*\?")
 _LABEL_SKIP_RE = re.compile(r"[ \t]*(?:项|选项)?[ \t.、:)]*")
 _JSON_ITEM_RE = re.compile(r"[\"'“]([^\"'”]*)[\"'”]|([A-Za-z])")
 _NOT_LETTER_RE = re.compile(r"[^A-Z]")
+# Reasoning blocks of thinking models: "<think>…</think>".
+_REASONING_OPEN_RE = re.compile(r"<(?:think|thinking|reasoning)>", re.IGNORECASE)
+_REASONING_CLOSE_RE = re.compile(r"</(?:think|thinking|reasoning)>", re.IGNORECASE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +457,15 @@ def _fold(text: str) -> str:
     if len(folded) == len(text):
         return folded
     return "".join(c.casefold() if len(c.casefold()) == 1 else c for c in text)
+
+
+def drop_reasoning(output: str) -> str:
+    """The output without its reasoning block (step 0 of the module docstring)."""
+    closes = list(_REASONING_CLOSE_RE.finditer(output))
+    if closes:
+        return output[closes[-1].end():]
+    opened = _REASONING_OPEN_RE.search(output)
+    return output[: opened.start()] if opened else output
 
 
 def _is_latin(char: str) -> bool:
@@ -393,9 +486,25 @@ def _context(options: Mapping[str, str]) -> _Context:
         core = _TRAILING_GLOSS_RE.sub("", full).strip()
         if core != full and len(core) >= 2:
             variants.append(core)
+        # "ACE抑制剂" is written "ACEI" (inhibitor), as in ACEI, MAOI.
+        variants += [m.group(1) + "i" for v in variants if (m := _INHIBITOR_RE.fullmatch(v))]
         texts[key] = variants
     longest = max((len(v) for vs in texts.values() for v in vs), default=0)
     return _Context(keys, set(keys), texts, longest)
+
+
+def _clause_start(text: str, pos: int) -> int:
+    return max(text.rfind(c, 0, pos) for c in ",;。\n!?") + 1
+
+
+def _is_refusal(text: str) -> bool:
+    if _REFUSAL_RE.search(text):
+        return True
+    for m in _WEAK_REFUSAL_RE.finditer(text):
+        before = text[_clause_start(text, m.start()): m.start()]
+        if not before.strip(" \t*#>") or _REFUSAL_SUBJECT_RE.search(before) or _REFUSAL_OBJECT_RE.match(text, m.end()):
+            return True
+    return False
 
 
 def _is_all(letters: str, ctx: _Context) -> bool:
@@ -428,8 +537,8 @@ def _read_item(text: str, pos: int, keys: set[str], leading: bool) -> tuple[str,
         return None  # "A patient ...", "ACE inhibitors ..."
     if leading and len(run) > 1 and end < len(text) and _is_cjk(text[end]) and not _AFTER_RUN_OK_RE.match(text, end):
         return None  # "ACE抑制剂 ..."
-    if _TERM_SUFFIX_RE.match(text, end):
-        return None
+    if _TERM_SUFFIX_RE.match(text, end) or _HYPHEN_TERM_RE.match(text, end):
+        return None  # "B超", "C反应蛋白", "C-reactive protein"
     if opened:
         while end < len(text) and text[end] in " \t":
             end += 1
@@ -489,6 +598,36 @@ def _option_text_at(text: str, pos: int, ctx: _Context) -> tuple[str, int] | Non
             if len(variant) >= 2 and window.startswith(variant) and (best is None or len(variant) > best[1] - pos):
                 best = (key, pos + len(variant))
     return best
+
+
+def _partial_option_at(text: str, pos: int, ctx: _Context) -> tuple[str, int] | None:
+    """The one option whose text contains the phrase at ``pos`` (up to its clause end)."""
+    m = _PHRASE_END_RE.search(text, pos, pos + ctx.longest + 8)
+    end = m.start() if m else min(len(text), pos + ctx.longest + 8)
+    phrase = _fold(text[pos:end]).strip(" \t*\"'“”")
+    if len(phrase) < 2 or len(phrase) > ctx.longest or (m is None and end < len(text)):
+        return None
+    keys = [k for k in ctx.keys if any(phrase in v for v in ctx.texts[k])]
+    if len(keys) != 1 or not any(phrase in v and 2 * len(phrase) >= len(v) for v in ctx.texts[keys[0]]):
+        return None  # not unique, or too small a part of the option's text
+    return keys[0], end
+
+
+def _text_alternative(text: str, hit: tuple[str, int], ctx: _Context) -> str:
+    """Options offered as an alternative to the option text ending at ``hit``, or ``""``.
+
+    ``金黄色葡萄球菌（B）或大肠埃希菌``, ``肺炎或C``.
+    """
+    m = _TEXT_ALT_RE.match(text, hit[1])
+    if m is None:
+        return ""
+    other = _option_text_at(text, m.end(), ctx)
+    if other is None:
+        group = _read_group(text, m.end(), ctx.keyset)
+        letters = group.letters if group is not None and not group.negated else ""
+    else:
+        letters = other[0]
+    return letters.replace(hit[0], "")
 
 
 def _sentence_start(text: str, pos: int) -> int:
@@ -651,10 +790,34 @@ def _from_json(text: str, ctx: _Context) -> _Analysis | None:
     return _Analysis(letters=value, method="json", stated=True)
 
 
+def _blank_json(text: str) -> tuple[str, tuple[int, int]]:
+    """``text`` with every JSON object holding an answer key blanked out, and the first one's span."""
+    spans: list[tuple[int, int]] = []
+    for m in _JSON_PAIR_RE.finditer(text):
+        if spans and m.start() < spans[-1][1]:
+            continue
+        start = text.rfind("{", 0, m.start())
+        if start < 0:
+            continue
+        depth, end = 0, len(text)
+        for i in range(start, len(text)):
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                depth -= 1
+                if depth == 0:
+                    end = i + 1
+                    break
+        spans.append((start, end))
+    for start, end in spans:
+        text = text[:start] + " " * (end - start) + text[end:]
+    return text, min(spans, default=(0, 0))
+
+
 def _verdicts(text: str, ctx: _Context) -> tuple[set[str], set[str], set[int]]:
     """Option verdicts: ``(judged correct, judged wrong, label positions that carry a verdict)``."""
     labels: dict[int, _Group] = {}
-    for pattern in (_LABEL_AT_RE, _LABEL_XIANG_RE):
+    for pattern in (_LABEL_AT_RE, _LABEL_XIANG_RE, _LABEL_AFTER_VERDICT_RE):
         for m in pattern.finditer(text):
             if m.end() not in labels:
                 group = _read_group(text, m.end(), ctx.keyset, leading=True)
@@ -692,6 +855,18 @@ def _verdicts(text: str, ctx: _Context) -> tuple[set[str], set[str], set[int]]:
         if m is not None:
             (pos if m.group("pos") else neg).update(group.letters)
             judged.add(start)
+    # "B和E不对，其余都对": the options not judged otherwise get the rest's verdict.
+    for m in _REST_VERDICT_RE.finditer(text):
+        named = {k for k in pos | neg if k in ctx.keyset}
+        if named:
+            (pos if m.group("pos") else neg).update(ctx.keyset - named)
+    # "除C外均正确": the options named are judged the other way.
+    for m in _EXCEPT_VERDICT_RE.finditer(text):
+        named = set(_NOT_LETTER_RE.sub("", m.group("letters")))
+        if named and named < ctx.keyset:
+            rest = ctx.keyset - named
+            pos.update(rest if m.group("pos") else named)
+            neg.update(named if m.group("pos") else rest)
     return pos, neg, judged
 
 
@@ -711,8 +886,12 @@ def _statements(text: str, ctx: _Context, judged: set[int]) -> list[_Statement]:
         p = _FILLER_RE.match(text, marker.end()).end()
         if p in found or _NEG_MARKER_RE.search(text, max(0, marker.start() - 4), marker.start()):
             continue  # "故选B": 故 and 选 lead to the same letters; "不能诊断为" is no answer
+        if marker.group() == "是" and not _CONTRAST_NEG_RE.search(
+                text, _clause_start(text, marker.start() - 1), marker.start()):
+            continue
         group = _read_group(text, p, ctx.keyset)
         weak = bool(_WEAK_MARKER_RE.fullmatch(marker.group()))
+        firm = bool(_FIRM_MARKER_RE.fullmatch(marker.group()))
         if weak and (group is None or group.negated or not _ENDS_SENTENCE_RE.match(text, group.end)):
             continue
         if group is not None:
@@ -721,11 +900,16 @@ def _statements(text: str, ctx: _Context, judged: set[int]) -> list[_Statement]:
             letters, end, hedge = group.letters, group.end, group.alt or _is_all(group.letters, ctx)
         else:
             hit = None if _CUE_ONLY_MARKER_RE.fullmatch(marker.group()) else _option_text_at(text, p, ctx)
+            if hit is None and _ANSWER_WORD_RE.fullmatch(marker.group()):
+                hit = _partial_option_at(text, p, ctx)
             if hit is None or _NEG_AFTER_RE.match(text, hit[1]) or _BRACKET_NEG_RE.match(text, hit[1]):
                 continue
-            letters, end, hedge = hit[0], hit[1], False
-        final = bool(_FINAL_CUE_RE.search(text, _sentence_start(text, marker.start()), p))
-        found[p] = _Statement(_order(letters, ctx), p, end, final, hedge, by_text=group is None)
+            letters, end, hedge = hit[0], hit[1], bool(_text_alternative(text, hit, ctx))
+        sentence = _sentence_start(text, marker.start())
+        final = bool(_FINAL_CUE_RE.search(text, sentence, p))
+        strong = final and bool(_STRONG_FINAL_RE.search(text, sentence, p))
+        found[p] = _Statement(_order(letters, ctx), p, end, final, hedge, by_text=group is None, firm=firm,
+                              strong=strong)
     lead = _LEADING_RE.match(text).end()
     if lead not in found and lead not in judged and not _per_option_lines(text, lead, ctx):
         group = _read_group(text, lead, ctx.keyset, leading=True)
@@ -749,8 +933,9 @@ def _resolve(text: str, statements: list[_Statement], after_answer: bool = False
         value, cur_value = ("?" if s.hedge else s.letters), ("?" if cur.hedge else cur.letters)
         if value == cur_value:
             cur_final = cur_final or s.final  # a repeated answer; a cue in between corrects nothing
-        elif fixes or (s.final and not cur_final):
-            # A self-correction, or a final answer after tentative ones: the later one wins.
+        elif fixes or (s.final and not cur_final and (s.strong or not cur.firm)):
+            # A self-correction, or a final answer after tentative ones: the later one wins. A mere
+            # "因此/所以" does not overrule an earlier explicit answer ("答案是C。…因此答案是B").
             cur, cur_final, corrected, conflict = s, True, fixes, False
         else:
             conflict = True  # two different answers of the same rank, or tentative after final
@@ -764,6 +949,15 @@ def _resolve(text: str, statements: list[_Statement], after_answer: bool = False
     return _Analysis(letters=cur.letters, method=method, stated=True, final=cur_final)
 
 
+def _has_alternatives(text: str, ctx: _Context) -> bool:
+    """Whether the text offers options as alternatives anywhere ("我觉得是A或者C", "either B or C")."""
+    for m in _ALT_CANDIDATE_RE.finditer(text):
+        group = _read_group(text, m.start(), ctx.keyset)
+        if group is not None and group.alt and not group.negated:
+            return True
+    return False
+
+
 def _consistent(letters: str, pos: set[str] | frozenset[str], neg: set[str] | frozenset[str]) -> bool:
     """Whether verdicts agree with a stated answer under either question polarity."""
     chosen = set(letters)
@@ -773,6 +967,8 @@ def _consistent(letters: str, pos: set[str] | frozenset[str], neg: set[str] | fr
 
 
 def _from_brackets(text: str, ctx: _Context) -> str:
+    """The letters of the last bracket ending a sentence, else of the last one ending a clause."""
+    clause_final = ""
     for m in reversed(list(_BRACKET_RE.finditer(text))):
         letters = _NOT_LETTER_RE.sub("", m.group(1))
         if not letters or any(c not in ctx.keyset for c in letters):
@@ -780,8 +976,10 @@ def _from_brackets(text: str, ctx: _Context) -> str:
         clause_start = max(text.rfind(c, 0, m.start()) for c in ",;。\n") + 1
         if _NEG_CLAUSE_RE.search(text, clause_start, m.start()):
             continue
-        return _order(letters, ctx)
-    return ""
+        if _SENTENCE_END_AFTER_RE.match(text, m.end()):
+            return _order(letters, ctx)
+        clause_final = clause_final or _order(letters, ctx)
+    return clause_final
 
 
 def _from_option_texts(text: str, ctx: _Context, excluded: set[str]) -> tuple[str, bool]:
@@ -794,6 +992,7 @@ def _from_option_texts(text: str, ctx: _Context, excluded: set[str]) -> tuple[st
     candidates.sort(key=lambda kv: len(kv[1]), reverse=True)
     claimed: list[tuple[int, int]] = []
     counts: dict[str, int] = {}
+    alternatives: set[str] = set()  # "XY": option X offered with option Y as an alternative
     for key, norm in candidates:
         start = folded.find(norm)
         while start != -1:
@@ -810,8 +1009,11 @@ def _from_option_texts(text: str, ctx: _Context, excluded: set[str]) -> tuple[st
                 before = folded[max(0, start - 6):start]
                 if not (_NEG_BEFORE_RE.search(before) or _NEG_AFTER_RE.match(folded, end)):
                     counts[key] = counts.get(key, 0) + 1
+                    alternatives.update(key + other for other in _text_alternative(folded, (key, end), ctx))
             start = folded.find(norm, start + 1)
     chosen = {k for k in counts if k not in excluded}
+    if any(set(pair) <= chosen for pair in alternatives):
+        return "", True  # "金黄色葡萄球菌或大肠埃希菌": a hedge
     if _is_all(_order(chosen, ctx), ctx):
         # Every option named: the model restated them; options named again are its answer.
         again = {k for k in chosen if counts[k] >= 2}
@@ -826,6 +1028,14 @@ def _analyse(text: str, ctx: _Context, statements_only: bool = False, after_answ
     t = _prepare(text, ctx, after_answer)
     found = _from_json(t, ctx)
     if found is not None:
+        if found.letters:
+            # An answer stated outside the JSON object must agree with it (or correct it).
+            rest, (start, end) = _blank_json(t)
+            # Explicit statements only: a letter opening the text after the object labels analysis.
+            others = [s for s in _statements(rest, ctx, set()) if not s.leading and (s.firm or s.final)]
+            if any(s.letters != found.letters or s.hedge for s in others):
+                own = _Statement(found.letters, start, end, final=False, hedge=False, firm=True)
+                return _resolve(rest, sorted([own, *others], key=lambda s: s.start), after_answer)
         return found
     pos, neg, judged = _verdicts(t, ctx)
     statements = _statements(t, ctx, judged)
@@ -841,13 +1051,15 @@ def _analyse(text: str, ctx: _Context, statements_only: bool = False, after_answ
         return found
     if statements_only:
         return _Analysis()
-    if _REFUSAL_RE.search(t):
+    if _is_refusal(t):
         return _Analysis(method="refusal")
     chosen = pos - neg
     if chosen:
         if _is_all(_order(chosen, ctx), ctx):
             return _Analysis(method="hedge", ambiguous=True)
         return _Analysis(letters=_order(chosen, ctx), method="verdicts", ambiguous=bool(pos & neg))
+    if _has_alternatives(t, ctx):
+        return _Analysis(method="hedge", ambiguous=True)
     letters = _from_brackets(t, ctx)
     if letters:
         return _Analysis(letters=letters, method="bracket")
@@ -890,6 +1102,7 @@ def read_answer(
         the answer region (see the module docstring).
     """
     ctx = _context(options)
+    output = drop_reasoning(output)
     if fallback_explanation:
         start, end, explanation = 0, len(output), find_explanation(output)
     else:
@@ -930,7 +1143,7 @@ def parse_robust(text: str, options: Mapping[str, str]) -> str:
         The chosen letters in option order, or ``""`` when nothing (or only a hedge) parses.
     """
     ctx = _context(options)
-    letters = _analyse(text, ctx).letters
+    letters = _analyse(drop_reasoning(text), ctx).letters
     return "".join(k for k in options if _nfkc(str(k)).strip().upper() in letters)
 
 

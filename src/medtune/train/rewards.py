@@ -65,6 +65,9 @@ def has_answer_format(output: str, options: dict[str, str], template: ExamTempla
 
 
 def _well_formed(output: str, template: ExamTemplate, reading: AnswerReading) -> bool:
+    from medtune.evaluation.extract import drop_reasoning
+
+    output = drop_reasoning(output)  # markers inside a <think> block are not the answer's format
     if template.answer_marker and template.answer_marker not in output:
         return False
     if template.explanation_marker and template.explanation_marker not in output:
