@@ -141,3 +141,19 @@ def test_convert_promptcblue_and_sharegpt(tmp_path, capsys):
     assert "1000 rows → 1000 records" in capsys.readouterr().out
     first = json.loads((tmp_path / "s.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
+
+
+def test_an_error_during_a_progress_bar_starts_its_own_line(monkeypatch, capsys):
+    import medtune.templates
+    from tqdm import tqdm
+
+    def fails_mid_progress():
+        bar = tqdm(total=10, desc="work")  # left open, like a Trainer bar when training raises
+        bar.update(3)
+        raise ValueError("it broke")
+
+    monkeypatch.setattr(medtune.templates, "available", fails_mid_progress)
+    assert main(["templates"]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("\nmedtune templates: error: it broke\n")
+    assert not getattr(tqdm, "_instances", None)

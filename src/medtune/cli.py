@@ -623,6 +623,16 @@ def error_line(command: str, exc: BaseException) -> str:
             "(rerun with --debug for the traceback, and please report it)")
 
 
+def _close_progress_bars() -> None:
+    """Finish progress bars an error interrupted, so the error starts a line of its own."""
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
     """``--debug`` on every (sub)command, so it may follow the subcommand too."""
     for action in parser._actions:
@@ -650,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
+        _close_progress_bars()
         print(error_line(command, exc), file=sys.stderr)
         return 2 if isinstance(exc, USER_ERRORS) else 1
 
