@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -21,6 +22,19 @@ def test_total_steps_and_schedule():
     assert adalora_schedule(AdapterConfig(method="adalora"), 40) == (4, 4)
     with pytest.raises(ValueError, match="tinit"):
         adalora_schedule(AdapterConfig(method="adalora", tinit=20, tfinal=20), 40)
+
+
+def test_adalora_rank_defaults_follow_peft():
+    from peft import AdaLoraConfig
+
+    from medtune.adapters import peft_config_for
+
+    ours, peft_default = AdapterConfig(method="adalora"), AdaLoraConfig(total_step=40)
+    assert (ours.init_r, ours.target_r) == (peft_default.init_r, peft_default.target_r) == (12, 8)
+    built = peft_config_for(ours, "llama", total_steps=40)
+    assert (built.init_r, built.target_r, built.deltaT) == (12, 8, 1)
+    shipped = load_config(Path(__file__).resolve().parents[1] / "src/medtune/configs/cmexam_adalora_7b.yaml")
+    assert shipped.adapter.target_r == 8
 
 
 def test_adalora_ranks_change(tmp_path, tiny_model_dir, records_file):

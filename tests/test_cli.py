@@ -144,8 +144,9 @@ def test_convert_promptcblue_and_sharegpt(tmp_path, capsys):
 
 
 def test_an_error_during_a_progress_bar_starts_its_own_line(monkeypatch, capsys):
-    import medtune.templates
     from tqdm import tqdm
+
+    import medtune.templates
 
     def fails_mid_progress():
         bar = tqdm(total=10, desc="work")  # left open, like a Trainer bar when training raises

@@ -307,3 +307,91 @@ def test_every_stage_recipe_takes_every_method(stage, method):
             check_method_compatibility(cfg.adapter, cfg.train)
     else:
         check_method_compatibility(cfg.adapter, cfg.train)
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "expected"),
+    [
+        ("adapter.target_modules=[q_proj,v_proj]", "target_modules", ["q_proj", "v_proj"]),
+        ("adapter.target_modules=[q_proj, v_proj]", "target_modules", ["q_proj", "v_proj"]),
+        ("adapter.target_modules=['q_proj', \"v_proj\"]", "target_modules", ["q_proj", "v_proj"]),
+        ("adapter.target_modules=[q_proj]", "target_modules", ["q_proj"]),  # a list, not the name "[q_proj]"
+        ("train.report_to=[tensorboard,wandb]", "report_to", ["tensorboard", "wandb"]),
+        ("train.report_to=[]", "report_to", []),
+    ],
+)
+def test_list_overrides_in_bracket_form(override, field, expected):
+    cfg = load_config(None, REQUIRED + [override])
+    section = cfg.adapter if override.startswith("adapter.") else cfg.train
+    assert getattr(section, field) == expected
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("adapter.target_modules=[]", r"^adapter\.target_modules: empty \(\[\]\); write null"),
+        ("adapter.target_modules=[q_proj,[v_proj]]", r"^adapter\.target_modules: expected a list of names"),
+        ("adapter.target_modules=[q_proj, v: x]", r"^adapter\.target_modules: expected a list of names"),
+    ],
+)
+def test_bad_bracket_lists_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, REQUIRED + [override])
+
+
+def test_training_settings_are_read():
+    cfg = load_config(None, REQUIRED + [
+        "warmup_steps=10", "eval_steps=25", "save_steps=25", "load_best_model_at_end=true",
+        "metric_for_best_model=accuracy", "eval_accuracy=generate", "eval_max_new_tokens=16", "val_fraction=0.1",
+    ])
+    t = cfg.train
+    assert (t.warmup_steps, t.eval_steps, t.load_best_model_at_end) == (10, 25, True)
+    assert (t.metric_for_best_model, t.eval_accuracy, t.eval_max_new_tokens) == ("accuracy", "generate", 16)
+    # what the Trainer gets: step-wise evaluation, checkpoints on the same steps, accuracy maximised
+    from medtune.train.common import evaluation_arguments, training_arguments
+
+    assert evaluation_arguments(cfg, has_val=True) == {
+        "eval_strategy": "steps", "eval_steps": 25, "load_best_model_at_end": True,
+        "metric_for_best_model": "eval_accuracy", "greater_is_better": True}
+    args = training_arguments(cfg, Path("run"), has_val=True)
+    assert args["warmup_steps"] == 10 and args["save_steps"] == 25
+    # defaults: once per epoch, no best-checkpoint loading; load_best alone evaluates at every checkpoint
+    plain = load_config(None, REQUIRED + ["val_fraction=0.1"])
+    assert evaluation_arguments(plain, has_val=True) == {"eval_strategy": "epoch"}
+    best = load_config(None, REQUIRED + ["val_fraction=0.1", "load_best_model_at_end=true"])
+    assert evaluation_arguments(best, has_val=True) == {
+        "eval_strategy": "steps", "eval_steps": 50, "load_best_model_at_end": True,
+        "metric_for_best_model": "eval_loss", "greater_is_better": False}
+    with pytest.raises(ConfigError, match=r"^train\.load_best_model_at_end: the run has no validation examples"):
+        evaluation_arguments(best, has_val=False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["warmup_steps=-1"], r"^train\.warmup_steps: expected a number of optimiser steps >= 0, got -1$"),
+        (["warmup_steps=10", "warmup_ratio=0.1"], r"^train\.warmup_steps \(10\) and train\.warmup_ratio \(0\.1\): "
+                                                  r"choose one$"),
+        (["eval_steps=0", "val_fraction=0.1"], r"^train\.eval_steps: expected null \(once per epoch\) or .*got 0$"),
+        (["eval_steps=10"], r"^train\.eval_steps: needs a validation set to evaluate on; set data\.validation"),
+        (["load_best_model_at_end=true"], r"^train\.load_best_model_at_end: needs a validation set"),
+        (["load_best_model_at_end=true", "val_fraction=0.1", "eval_steps=20", "save_steps=50"],
+         r"^train\.load_best_model_at_end: needs a checkpoint at every evaluation; set train\.save_steps equal to "
+         r"train\.eval_steps \(now 50 and 20\)"),
+        (["eval_accuracy=sometimes", "val_fraction=0.1"], r"^train\.eval_accuracy: expected one of \['none', 'loglik', "
+                                                          r"'generate'\]"),
+        (["eval_accuracy=loglik"], r"^train\.eval_accuracy: needs a validation set"),
+        (["eval_accuracy=loglik", "val_fraction=0.1", "stage=dpo"], r"^train\.eval_accuracy: .*stage sft only "
+                                                                    r"\(got stage dpo\)$"),
+        (["load_best_model_at_end=true", "stage=rl"], r"^train\.load_best_model_at_end: stage rl does not evaluate"),
+        (["metric_for_best_model=eval_accuracy", "val_fraction=0.1"],
+         r"^train\.metric_for_best_model: eval_accuracy is logged only with train\.eval_accuracy=loglik or generate"),
+        (["metric_for_best_model=bleu"], r"^train\.metric_for_best_model: stage sft logs \['eval_loss', "
+                                         r"'eval_accuracy'\], got 'bleu'$"),
+        (["metric_for_best_model=accuracy", "stage=pt"], r"^train\.metric_for_best_model: stage pt logs \['eval_loss'\]"),
+        (["eval_max_new_tokens=0"], r"^train\.eval_max_new_tokens: must be > 0, got 0$"),
+    ],
+)
+def test_training_setting_combinations_that_cannot_work(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, REQUIRED + overrides)

@@ -47,10 +47,17 @@ def test_loss_only_on_every_assistant_reply(fmt, tiny_tokenizer):
     assert all(lab != IGNORE_INDEX for lab in labels[len(prompt_ids):])  # the final reply is all trained
 
 
-def test_over_long_conversation_is_listed_not_cut(tiny_tokenizer):
+def test_over_long_conversation_is_listed_not_cut_with_truncation_drop(tiny_tokenizer):
     n_single = len(encode_segments(tiny_tokenizer, segments(SINGLE.messages, "plain", tiny_tokenizer), "plain")[0])
-    build = build_conversation_examples([SINGLE, MULTI], "plain", tiny_tokenizer, max_length=n_single)
-    assert [s["id"] for s in build.skipped] == ["m"] and len(build.examples) == 1
+    ids, labels = encode_segments(tiny_tokenizer, segments(MULTI.messages, "plain", tiny_tokenizer), "plain")
+    n_reply = len(tiny_tokenizer("多喝水<|im_end|>", add_special_tokens=False)["input_ids"])
+    build = build_conversation_examples([SINGLE, MULTI], "plain", tiny_tokenizer, max_length=n_single,
+                                        truncation="drop")
+    assert build.skipped == [{"id": "m", "reason": f"prompt + target {len(ids)} tokens > data.max_length={n_single}"}]
+    assert len(build.examples) == 1 and build.truncated == []
+    assert build.summary() == {"records": 2, "examples": 1, "whole": 1, "truncated": 0, "dropped": 1}
+    # the target of a multi-turn conversation is its last reply; earlier replies are prompt (still trained)
+    assert sum(lab != IGNORE_INDEX for lab in labels) > n_reply
 
 
 def test_chat_format_needs_a_chat_template():
@@ -71,7 +78,9 @@ def test_promptcblue_sft_predict_evaluate(tmp_path, tiny_model_dir):
                  "train.epochs=3", "train.report_to=none"]) == 0
     summary = json.loads((run / "data_summary.json").read_text())
     assert summary["train"]["records"] == 80  # 16 tasks × 5
-    assert summary["train"]["examples"] + summary["train"]["skipped_too_long"] == 80
+    # data.truncation=middle (the default): the 11 examples over 512 tokens are cut, none is dropped
+    assert summary["train"] == {**summary["train"], "examples": 80, "whole": 69, "truncated": 11, "dropped": 0}
+    assert len(summary["train"]["tasks"]) == 16
     assert "kind: conversation" in (run / "template.yaml").read_text()
     for name, extra in (("tuned", ["--run", str(run)]), ("base", ["--model", str(tiny_model_dir)])):
         assert main(["predict", *extra, "--data", str(data / "dev.json"), "--out", str(tmp_path / f"{name}.jsonl"),

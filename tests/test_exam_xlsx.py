@@ -679,3 +679,24 @@ def test_exam_xlsx_corrupt_sheet_fails_while_reading_rows_with_one_clear_error(t
     message = str(info.value)
     assert message.startswith(f"{bad}: not a readable .xlsx workbook (")
     assert message.endswith("expected an Excel workbook: the file may be truncated or corrupt, re-save it from Excel")
+
+
+def test_english_question_generation_rouge_is_on_words_not_characters():
+    # An unrelated English output shares most letters with any reference: on characters its ROUGE-L is
+    # far from 0; on words (the default for en) it is exactly 0, since no word is shared.
+    reference = "1. Who built the bridge?\nA. Romans\nB. Greeks\nC. Persians\nD. Egyptians\nanswer: A"
+    unrelated = "stock markets rallied sharply on friday"
+    scores = evaluate_question_generation([unrelated], [reference], "en")
+    assert (scores["tokenization"], scores["rouge_l"], scores["lang"]) == ("word", 0.0, "en")
+    assert evaluate_question_generation([unrelated], [reference], "en", tokenization="char")["rouge_l"] > 20
+    assert evaluate_question_generation([reference], [reference], "en")["rouge_l"] == pytest.approx(100.0)
+    # zh keeps characters, the numbers of earlier releases
+    assert evaluate_question_generation([ZH_OUTPUT_1], [ZH_OUTPUT_1], "zh")["tokenization"] == "char"
+
+
+def test_question_generation_with_failed_generations_reports_zero_well_formed():
+    # None (a failed generation) and the base model's free text: 0 well-formed, the rest still scored.
+    scores = evaluate_question_generation([None, "黄帝内经"], [ZH_OUTPUT_1] * 2, "zh")
+    assert (scores["n"], scores["n_well_formed"], scores["well_formed"], scores["answer_valid"]) == (2, 0, 0.0, None)
+    assert scores["per_output"][0]["problems"] == ["0 questions; expected 4"]
+    assert scores["rouge_l"] > 0

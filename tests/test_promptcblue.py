@@ -123,7 +123,8 @@ def test_type_alias_and_cmeie_names(tmp_path):
         ({"task_dataset": "CMeEE"}, "task_dataset"),
         ({"input": "  "}, "input"),
         ({"sample_id": ""}, "sample_id"),
-        ({"answer_choices": "治疗方案"}, "answer_choices"),
+        ({"answer_choices": 3}, "answer_choices"),  # a string is a label list now (see the tests below)
+        ({"answer_choices": ["治疗方案", 1]}, "answer_choices"),
     ],
 )
 def test_invalid_line_names_file_line_and_field(tmp_path, bad, field):
@@ -527,3 +528,106 @@ def test_promptcblue_nan_float_target_rejects_file_is_valid_json(tmp_path):
     text = default_rejects_path(out).read_text(encoding="utf-8")
     assert "NaN" not in text.replace("(NaN counts", "")  # no bare NaN token: strict JSON readers accept it
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in rejects"))["raw"]["target"] is None
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes seen in the wild: string answer_choices, "type" as the task type, official submissions
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "labels"),
+    [
+        ("治疗方案，病因分析", ["治疗方案", "病因分析"]),                 # as the prompts list them
+        (' ["治疗方案", "病因分析"] ', ["治疗方案", "病因分析"]),         # a JSON array stored as text
+        ("治疗方案, 病因分析", ["治疗方案", "病因分析"]),
+        ("1,25-二羟维生素D3，维生素B12", ["1,25-二羟维生素D3", "维生素B12"]),  # a digit comma is content
+        ("治疗方案", ["治疗方案"]),
+        ("  ", None),
+        ("nan", None),
+        (None, None),
+    ],
+)
+def test_answer_choices_given_as_a_string_are_read_as_labels(tmp_path, value, labels):
+    result = read_promptcblue(write_lines(tmp_path / "x.json", [line(sample_id="a", answer_choices=value)]))
+    assert result.records[0].meta["answer_choices"] == labels
+
+
+def test_answer_choices_string_is_used_for_matching_when_scoring():
+    row = {"id": "1", "reference": "病因分析", "output": "这属于病因分析。",
+           "meta": {"task_dataset": "KUAKE-QIC", "answer_choices": "治疗方案，病因分析"}}
+    assert score([row])["tasks"]["KUAKE-QIC"]["score"] == 100.0
+    with pytest.raises(ValueError, match=r"row 1: field 'answer_choices': expected a list of strings"):
+        score([{**row, "meta": {"task_dataset": "KUAKE-QIC", "answer_choices": 5}}])
+
+
+def test_type_is_the_task_type_when_task_dataset_names_the_dataset(tmp_path):
+    readme_shape = {k: v for k, v in line(sample_id="a").items() if k != "task_type"} | {"type": "cls"}
+    both = line(sample_id="b", type="ner")  # task_type given too: it wins
+    only_type = {k: v for k, v in line(sample_id="c").items() if k not in ("task_type", "task_dataset")}
+    result = read_promptcblue(write_lines(tmp_path / "x.json", [readme_shape, both, only_type | {"type": "KUAKE-QIC"}]))
+    assert [(r.meta["task_dataset"], r.meta["task_type"]) for r in result.records] == [
+        ("KUAKE-QIC", "cls"), ("KUAKE-QIC", "cls"), ("KUAKE-QIC", None)]
+    with pytest.raises(DataFileError, match=r"field 'type': unknown task 'cls'.*'type' is the task type"):
+        read_promptcblue(write_lines(tmp_path / "y.json", [only_type | {"type": "cls"}]))
+    # scoring reads the dataset from task_dataset even when a "type" (the task type) is there too
+    row = {"id": "1", "reference": "病因分析", "output": "病因分析", "type": "cls",
+           "meta": {"type": "cls", "answer_choices": ["治疗方案", "病因分析"]}, "task_dataset": "KUAKE-QIC"}
+    assert set(score([row])["tasks"]) == {"KUAKE-QIC"}
+
+
+def submission_rows(skip: int = 0) -> list[dict]:
+    """The official submission shape: sample_id, task_dataset, answer_choices, and the text in target."""
+    raw = [json.loads(x) for x in (EXAMPLES / "dev.json").read_text(encoding="utf-8").splitlines() if x.strip()]
+    return [{"sample_id": r["sample_id"], "task_dataset": r["task_dataset"], "type": r["task_type"],
+             "answer_choices": "，".join(r["answer_choices"]) if r["answer_choices"] else None,
+             "target": r["target"]} for r in raw[skip:]]
+
+
+def test_official_submission_rows_score_against_the_structured_gold(structured):
+    result = score_against_structured(submission_rows(), structured)
+    assert result["overall"] == 100.0 and result["n"] == 80
+    assert (result["n_missing_predictions"], result["missing_predictions"]) == (0, [])
+    assert (result["n_not_in_gold"], result["not_in_gold"]) == (0, [])
+
+
+def test_unpaired_ids_are_counted_and_named_instead_of_no_rows_to_score(structured):
+    rows = submission_rows(skip=3) + [{"sample_id": "dev-999999", "task_dataset": "MedDG", "target": "多喝水"}]
+    result = score_against_structured(rows, structured)
+    # dev.json starts with dev-83507 (MedDG), dev-2107 (CHIP-CDEE), dev-5126 (KUAKE-QTR); named in gold order
+    order = [e["sample_id"] for entries in structured.values() for e in entries]
+    missing = sorted(["dev-83507", "dev-2107", "dev-5126"], key=order.index)
+    assert (result["n_missing_predictions"], result["missing_predictions"]) == (3, missing)
+    assert (result["n_not_in_gold"], result["not_in_gold"]) == (1, ["dev-999999"])
+    assert {t for t, e in result["tasks"].items() if e["score"] != 100.0} == {"MedDG", "CHIP-CDEE", "KUAKE-QTR"}
+    assert result["n"] == 80  # every gold entry is scored, the missing ones as empty outputs
+
+    test_rows = [{"sample_id": f"test-{i}", "task_dataset": "MedDG", "target": "好"} for i in range(4)]
+    with pytest.raises(ValueError) as info:
+        score_against_structured(test_rows, structured)
+    assert str(info.value) == (
+        "no prediction row matches the structured gold: 4 prediction ids ('test-0', 'test-1', 'test-2', …) not in "
+        f"the structured gold, 80 gold ids ({', '.join(repr(i) for i in order[:3])}, …) without a prediction "
+        "(are the predictions and the gold of the same split?)")
+    with pytest.raises(ValueError, match=r"no prediction rows to score \(the structured gold has 80 ids\)"):
+        score_against_structured([], structured)
+
+
+def test_evaluate_cli_scores_a_submission_against_gold(tmp_path, capsys):
+    from medtune.cli import main
+
+    rows = submission_rows(skip=3) + [{"sample_id": "dev-999999", "task_dataset": "MedDG", "target": "多喝水"}]
+    preds = write_lines(tmp_path / "preds.json", rows)
+    gold = EXAMPLES / "dev_structured.json"
+    assert main(["evaluate", str(preds), "--out", str(tmp_path / "ev")]) == 2
+    assert "official submission rows (sample_id, target)" in capsys.readouterr().err
+    assert main(["evaluate", str(preds), "--task", "promptcblue", "--gold", str(gold), "--out", str(tmp_path / "ev")]) == 0
+    printed = capsys.readouterr().out
+    assert "3 gold id(s) without a prediction (scored as empty outputs): " in printed
+    assert "1 prediction id(s) not in the gold (not scored): dev-999999" in printed
+    saved = json.loads((tmp_path / "ev" / "results.json").read_text(encoding="utf-8"))
+    assert saved["n_not_in_gold"] == 1 and saved["n_missing_predictions"] == 3 and saved["n_predictions"] == 78
+    assert saved["gold"] == str(gold) and saved["tokenizer"].startswith("BERT BasicTokenizer")
+    # the data file itself (gold texts in target) scores 100 against its structured gold
+    assert main(["evaluate", str(EXAMPLES / "dev.json"), "--gold", str(gold), "--out", str(tmp_path / "ev2")]) == 0
+    assert json.loads((tmp_path / "ev2" / "results.json").read_text(encoding="utf-8"))["overall"] == 100.0

@@ -404,3 +404,39 @@ def test_load_data_kinds(tmp_path):
     assert load_data(CMEXAM).kind == "exam"
     assert load_data(SFT).kind == "conversation"
     assert load_data(DPO).kind == "preference"
+
+
+def test_load_data_uses_the_shared_detector(tmp_path):
+    """inspect/check place files with medtune.data.detect, like predict and train do."""
+    csv = load_data(CMEXAM)
+    assert (csv.source_format, csv.shape.format, csv.shape.layout) == ("cmexam", "cmexam-csv", "table")
+    assert load_data(SFT).shape.format == load_data(SFT).source_format == "sharegpt"
+    # JSON lines in a .txt file are still inspected as JSON lines...
+    lines = tmp_path / "sft.txt"
+    lines.write_text(SFT.read_text(encoding="utf-8"), encoding="utf-8")
+    assert len(load_data(lines).records) == 1000
+    # ...while plain text (pre-training data) is refused in one line, saying what it is.
+    plain = tmp_path / "docs.txt"
+    plain.write_text("患者发热三天。\n", encoding="utf-8")
+    with pytest.raises(DataFileError, match="unknown data shape for exam, conversation or preference data"):
+        inspect(plain)
+    with pytest.raises(DataFileError, match="this is pt-text data"):
+        check(plain)
+
+
+def test_load_data_reads_exam_records_from_a_json_array(tmp_path, sample_records):
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps([r.to_dict() for r in sample_records[:3]], ensure_ascii=False), encoding="utf-8")
+    data = load_data(path)
+    assert (data.kind, data.source_format, data.shape.layout) == ("exam", "records", "array")
+    assert data.records == sample_records[:3] and data.rows == [1, 2, 3]
+
+
+def test_write_inspect_report_is_the_report_modules(cmexam_stats, tmp_path):
+    from medtune.report.data_report import write_inspect_report as report_writer
+
+    via_quality = [p.name for p in write_inspect_report(cmexam_stats, tmp_path / "a")]
+    via_report = [p.name for p in report_writer(cmexam_stats, tmp_path / "b")]
+    assert via_quality == via_report
+    for name in via_report:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

@@ -306,3 +306,35 @@ def test_html_report_renders_in_headless_chromium(tmp_path, evals):
         dest = Path(os.environ["MEDTUNE_SCREENSHOT_DIR"])
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, dest / "report_screenshot.png")
+
+
+# ---- data inspection charts and tables (moved here from medtune.data.quality) --------------------
+
+
+def test_data_plots_draw_the_inspect_charts(tmp_path):
+    from medtune.data.quality import inspect
+    from medtune.io import write_jsonl
+    from medtune.records import Conversation
+    from medtune.report import data_plots
+    from medtune.report.data_report import inspect_markdown
+
+    rows = [
+        Conversation(f"c{i}", [{"role": "user", "content": f"问题{i}"}, {"role": "assistant", "content": "答" * i}],
+                     {"task_dataset": "CMeEE" if i % 3 else "CHIP-CDN", "sample_id": f"s{i}"}).to_dict()
+        for i in range(1, 36)
+    ]
+    path = tmp_path / "conv.jsonl"
+    write_jsonl(path, rows)
+    stats = inspect(path)
+    pngs = data_plots.inspect_plots(stats, tmp_path)
+    assert [p.name for p in pngs] == ["lengths_chars.png", "turns.png"]
+    assert all(_is_png(p) for p in pngs)
+    md = inspect_markdown(stats, [p.name for p in pngs])
+    # 35 ids are more than inspect lists (30): counted, not tabled; the two tasks are tabled.
+    assert "meta `sample_id`: 35 distinct values (not listed)" in md
+    assert "### meta `task_dataset` (2 distinct)" in md
+    assert "![turns.png](turns.png)" in md
+    # Nothing to draw gives None, never an empty chart.
+    assert data_plots.plot_answer_letters(stats, tmp_path) is None
+    assert data_plots.plot_annotations(stats, tmp_path) is None
+    assert data_plots.plot_lengths_tokens(stats, tmp_path) is None

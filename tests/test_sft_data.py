@@ -127,12 +127,13 @@ def test_too_long_prompt_is_skipped_and_counts_are_exact(tiny_tokenizer, short, 
     assert n_short <= max_length
     assert len(encode_prompt(tok, tpl.render_prompt(huge), tpl)) > max_length
 
+    n_huge = len(encode_prompt(tok, tpl.render_prompt(huge), tpl)) + len(encode_target(tok, tpl.render_target(huge)))
+
     build = build_sft_examples([short, huge, long_explanation], tpl, tok, max_length)
-    assert build.summary() == {
-        "records": 3, "examples": 2, "explanations_truncated": 1, "skipped_too_long": 1,
-    }
+    assert build.summary() == {"records": 3, "examples": 2, "whole": 1, "truncated": 1, "dropped": 1}
     assert build.skipped == [
-        {"id": "huge", "reason": f"prompt + answer need more than max_length={max_length} tokens"}
+        {"id": "huge", "reason": f"prompt + target {n_huge} tokens > data.max_length={max_length} "
+                                 "(an exam prompt is never cut, an answer never shortened)"}
     ]
     assert [t["id"] for t in build.truncated] == [long_explanation.id]
     # Kept examples stay in record order; the short one is untouched.
@@ -147,11 +148,13 @@ def test_prompt_fits_but_answer_does_not_is_skipped(tiny_tokenizer, short):
     n_prompt = len(encode_prompt(tok, tpl.render_prompt(short), tpl))
     # The bare answer "D" + EOS is two tokens; one token of room is not enough.
     assert len(encode_target(tok, "D")) == 2
+    n_full = n_prompt + len(encode_target(tok, tpl.render_target(short)))
     build = build_sft_examples([short], tpl, tok, n_prompt + 1)
-    assert build.summary() == {"records": 1, "examples": 0, "explanations_truncated": 0, "skipped_too_long": 1}
+    assert build.summary() == {"records": 1, "examples": 0, "whole": 0, "truncated": 0, "dropped": 1}
     assert build.skipped[0]["id"] == "short"
     # Exactly room for the bare answer: kept with an empty explanation.
     build = build_sft_examples([short], tpl, tok, n_prompt + 2)
-    assert build.summary() == {"records": 1, "examples": 1, "explanations_truncated": 1, "skipped_too_long": 0}
-    assert build.truncated == [{"id": "short", "explanation_chars": 10, "kept_chars": 0}]
+    assert build.summary() == {"records": 1, "examples": 1, "whole": 0, "truncated": 1, "dropped": 0}
+    assert build.truncated == [{"id": "short", "explanation_chars": 10, "kept_chars": 0,
+                                "reason": f"prompt + target {n_full} tokens > data.max_length={n_prompt + 2}"}]
     assert tok.decode(_split(build.examples[0])[1][:-1]) == "D"

@@ -66,7 +66,7 @@ def _preference_file(path: Path, n: int) -> Path:
 
 
 @pytest.mark.slow
-def test_pt_blocks_perplexity_and_contract(tmp_path, tiny_model_dir, tiny_tokenizer):
+def test_pt_blocks_perplexity_and_contract(tmp_path, tiny_model_dir, tiny_tokenizer, capsys):
     block, docs = 64, 120
     run_dir = _train("pt_lora_tiny.yaml", tiny_model_dir, EXAMPLES / "fever.txt", tmp_path / "pt",
                      f"pt.block_size={block}", f"data.max_samples={docs}", "train.epochs=6",
@@ -88,6 +88,10 @@ def test_pt_blocks_perplexity_and_contract(tmp_path, tiny_model_dir, tiny_tokeni
     before, after = results["perplexity_before"], results["perplexity_after"]
     assert before and after and after < before, results
     assert yaml_kind(run_dir) == "none"
+    # printed at the end of the run, not only written to train_results.json
+    printed = capsys.readouterr().out
+    assert (f"perplexity on {summary['validation_blocks']} held-out blocks: {before:.4g} before → "
+            f"{after:.4g} after training") in printed
 
 
 def yaml_kind(run_dir: Path) -> str:

@@ -8,7 +8,16 @@ import pytest
 
 from medtune.cli import main
 from medtune.data.instructions import summary_to_conversation
-from medtune.evaluation.text_tasks import detect_task, format_table, text_scores
+from medtune.evaluation.text_tasks import (
+    TOKENIZATION_LABELS,
+    choose_tokenization,
+    detect_lang,
+    detect_task,
+    evaluate_text,
+    format_table,
+    text_scores,
+    tokenize,
+)
 
 DIALOGUES = [
     ({"dialogue": [{"speaker": "患者", "text": "医生，我咳嗽一周了，晚上更厉害。"},
@@ -36,7 +45,8 @@ def test_summary_row_to_conversation():
 
 
 def test_text_scores_identity_and_detect():
-    assert text_scores(["患者咳嗽"], ["患者咳嗽"]) == pytest.approx({"rouge_1": 100.0, "rouge_2": 100.0, "rouge_l": 100.0})
+    assert text_scores(["患者咳嗽"], ["患者咳嗽"]) == pytest.approx(
+        {"rouge_1": 100.0, "rouge_2": 100.0, "rouge_l": 100.0, "n_reference_without_tokens": 0})
     assert detect_task([{"meta": {"task_dataset": "CHIP-STS"}}]) == "promptcblue"
     assert detect_task([{"meta": {"lang": "zh", "n_questions": 4}}]) == "question-generation"
     assert detect_task([{"meta": {}}]) == "text"
@@ -91,3 +101,127 @@ def test_question_generation_pairs_sft_and_evaluation(tmp_path, tiny_model_dir):
     assert res["task"] == "question-generation" and res["n"] == 1
     assert set(res) >= {"well_formed", "answer_valid", "rouge_l"}
     assert res["rouge_l"] > 50  # one memorised passage: the questions come back largely intact
+
+
+# ---- ROUGE tokenisation follows the language ---------------------------------------------------------
+
+REF_EN = "The patient has had a dry cough for a week and no fever."
+UNRELATED_EN = "Stock markets rallied sharply on Friday afternoon."
+
+
+def test_unrelated_english_sentence_no_longer_scores_rouge_1_near_80():
+    # Characters (the old unit): hyp has 21 distinct characters, ref 22 (the space counts, as ""), and
+    # they share 17 (t o c k "" a r e s i d h p y n f .): F = 2·17 / (21 + 22) = 34/43.
+    char = text_scores([UNRELATED_EN], [REF_EN], "char")
+    assert char["rouge_1"] == pytest.approx(100 * 34 / 43, abs=1e-5)
+    # Words: no word in common.
+    word = text_scores([UNRELATED_EN], [REF_EN], "word")
+    assert (word["rouge_1"], word["rouge_2"], word["rouge_l"]) == (0.0, 0.0, 0.0)
+
+
+def test_word_rouge_values_by_hand():
+    hyp = "The cat sat on the mat near the door."
+    assert tokenize(hyp, "word") == ["the", "cat", "sat", "on", "the", "mat", "near", "the", "door"]
+    scores = text_scores([hyp], [REF_EN], "word")
+    # sets: hyp {the cat sat on mat near door} = 7, ref 12 distinct words, shared {the}:
+    # F1 = 2·1 / (7 + 12) = 2/19
+    assert scores["rouge_1"] == pytest.approx(100 * 2 / 19, abs=1e-5)
+    assert scores["rouge_2"] == 0.0
+    # LCS = 1 over 9 hyp and 13 ref tokens: R = 1/13, P = 1/9, β = P/R = 13/9,
+    # F = (1 + β²)·R·P / (R + β²·P) = (250/81 · 1/117) / (1/13 + 169/729) = 250/2926
+    assert scores["rouge_l"] == pytest.approx(100 * 250 / 2926, abs=1e-6)
+    # punctuation is dropped, case and width folded, CJK characters are tokens of their own
+    assert tokenize("ＣＯＶＩＤ-19患者, fever!", "word") == ["covid", "19", "患", "者", "fever"]
+
+
+def test_jieba_words_are_an_option_for_chinese():
+    assert tokenize("患者咳嗽", "jieba") == ["患者", "咳嗽"]
+    # jieba: ["患者", "咳嗽"] vs ["患者", "发热"]: one shared word of two → 50; characters share 2 of 4 → 50 too,
+    # but bigrams differ: characters share "患者", jieba words share no bigram
+    assert text_scores(["患者咳嗽"], ["患者发热"], "jieba")["rouge_1"] == pytest.approx(50.0, abs=1e-5)
+    assert text_scores(["患者咳嗽"], ["患者发热"], "jieba")["rouge_2"] == 0.0
+    assert text_scores(["患者咳嗽"], ["患者发热"], "char")["rouge_2"] == pytest.approx(100 / 3, abs=1e-5)
+
+
+def test_language_detection_counts_cjk_characters_against_latin_words():
+    assert detect_lang([REF_EN, "Paracetamol 500 mg"]) == "en"
+    assert detect_lang(["患者服用Paracetamol和Ibuprofen后好转"]) == "zh"   # 8 CJK characters vs 2 words
+    assert detect_lang(["Dr. Wang (王医生) advised rest and fluids."]) == "en"  # 3 CJK characters vs 6 words
+    assert choose_tokenization([REF_EN]) == {"lang": "en", "lang_source": "detected", "tokenization": "word",
+                                             "tokenizer": TOKENIZATION_LABELS["word"]}
+    assert choose_tokenization([REF_EN], lang="zh")["tokenization"] == "char"
+    assert choose_tokenization(["患者"], tokenization="jieba")["tokenization"] == "jieba"
+
+
+def test_reference_without_word_tokens_is_left_out_and_counted():
+    scores = text_scores(["fever", "anything"], [REF_EN, "……！"], "word")
+    assert scores["n_reference_without_tokens"] == 1
+    assert scores["rouge_1"] == pytest.approx(100 * 2 * (1 / 1) * (1 / 12) / (1 + 1 / 12 + 1e-8))
+
+
+def _write_predictions(path, pairs, meta=None):
+    rows = [{"id": f"s{i}", "messages": [{"role": "user", "content": "Summarise."}], "reference": ref,
+             "meta": meta or {}, "output": out} for i, (out, ref) in enumerate(pairs)]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_english_summaries_are_scored_on_words_and_the_unit_is_stored_and_printed(tmp_path, capsys):
+    preds = _write_predictions(tmp_path / "p.jsonl", [(UNRELATED_EN, REF_EN), ("The cat sat on the mat near the door.",
+                                                                                REF_EN)])
+    assert main(["evaluate", str(preds), "--out", str(tmp_path / "ev")]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((tmp_path / "ev" / "results.json").read_text(encoding="utf-8"))
+    assert (res["lang"], res["lang_source"], res["tokenization"]) == ("en", "detected", "word")
+    assert res["tokenizer"] == TOKENIZATION_LABELS["word"]
+    assert res["rouge_1"] == pytest.approx((0 + 100 * 2 / 19) / 2, abs=1e-5)
+    assert f"| ev | 2 | {res['rouge_1']:.2f} | {res['rouge_2']:.2f} | {res['rouge_l']:.2f} | word |" in printed
+    assert f"tokenisation: {TOKENIZATION_LABELS['word']}; language en (detected)" in printed
+    # asked for: characters
+    assert main(["evaluate", str(preds), "--out", str(tmp_path / "ev-char"), "--tokenizer", "char"]) == 0
+    res_char = json.loads((tmp_path / "ev-char" / "results.json").read_text(encoding="utf-8"))
+    assert res_char["tokenization"] == "char" and res_char["rouge_1"] > 70
+
+
+def test_baseline_scored_on_other_tokens_is_refused(tmp_path, capsys):
+    preds = _write_predictions(tmp_path / "p.jsonl", [(UNRELATED_EN, REF_EN)])
+    assert main(["evaluate", str(preds), "--out", str(tmp_path / "base"), "--tokenizer", "char"]) == 0
+    assert main(["evaluate", str(preds), "--out", str(tmp_path / "tuned"), "--baseline", str(tmp_path / "base")]) == 2
+    assert ("scored ROUGE on char tokens, this evaluation on word tokens: their difference would mean nothing"
+            in capsys.readouterr().err)
+    assert main(["evaluate", str(preds), "--out", str(tmp_path / "tuned"), "--baseline", str(tmp_path / "base"),
+                 "--tokenizer", "char"]) == 0
+
+
+def test_chinese_summaries_keep_character_rouge_of_earlier_releases(tmp_path):
+    from medtune.evaluation.metrics import rouge_l, rouge_n
+
+    pairs = [("患者咳嗽一周，无发热。", DIALOGUES[0]["summary"]), ("腹泻两天。", DIALOGUES[1]["summary"])]
+    preds = _write_predictions(tmp_path / "p.jsonl", pairs)
+    results = evaluate_text(preds, tmp_path / "ev")
+    outs, refs = [o for o, _ in pairs], [r for _, r in pairs]
+    assert (results["lang"], results["tokenization"]) == ("zh", "char")
+    assert results["rouge_1"] == rouge_n(outs, refs, 1) and results["rouge_l"] == rouge_l(outs, refs)
+
+
+def test_question_generation_evaluate_with_no_well_formed_output_does_not_raise_typeerror_nonetype(tmp_path, capsys):
+    # The base model's case: nothing it writes has the question format, so answer_valid is undefined (None);
+    # printing the table used to fail with "TypeError: unsupported format string passed to NoneType.__format__".
+    reference = "1．黄帝内经分为哪两部分？\nA．素问和灵枢\nB．伤寒和金匮\nC．本草和方剂\nD．针经和脉经\n答案：A"
+    preds = _write_predictions(tmp_path / "p.jsonl", [("黄帝内经是医书。", reference), ("", reference)],
+                               meta={"lang": "zh", "n_questions": 1})
+    assert main(["evaluate", str(preds), "--out", str(tmp_path / "ev")]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((tmp_path / "ev" / "results.json").read_text(encoding="utf-8"))
+    assert (res["task"], res["n"], res["n_well_formed"], res["well_formed"], res["answer_valid"]) == (
+        "question-generation", 2, 0, 0.0, None)
+    assert res["rouge_l"] > 0 and res["tokenization"] == "char"
+    assert f"| ev | 2 | 0.00 | n/a | {res['rouge_l']:.2f} | char |" in printed
+    assert "well-formed: 0 of 2 outputs; answer_valid is n/a" in printed
+    # and as the baseline of a run that does write the format: its Δ is n/a where the base has none
+    tuned = _write_predictions(tmp_path / "t.jsonl", [(reference, reference), (reference, reference)],
+                               meta={"lang": "zh", "n_questions": 1})
+    assert main(["evaluate", str(tuned), "--out", str(tmp_path / "ev-t"), "--baseline",
+                 str(tmp_path / "ev")]) == 0
+    printed = capsys.readouterr().out
+    assert "| base (ev) | 2 | 0.00 | n/a |" in printed and "| Δ | | +100.00 | n/a |" in printed

@@ -171,6 +171,69 @@ def peft_config_for(
     raise ValueError(f"unknown adapter method {spec.method!r}")
 
 
+def linear_layer_names(model: Any) -> list[str]:
+    """Sorted distinct names (last part) of the model's linear layers: what ``target_modules`` can name.
+
+    ``nn.Linear`` and its subclasses (bitsandbytes' 4-bit layers included) and transformers'
+    ``Conv1D`` (GPT-2 style models); LoRA layers already in the model are reported by the name of
+    the layer they wrap.
+    """
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        if not name or "lora_" in name:
+            continue
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+            leaf = name.rsplit(".", 1)[-1]
+            names.add(name.rsplit(".", 2)[-2] if leaf == "base_layer" and "." in name else leaf)
+    return sorted(names)
+
+
+def check_target_modules(model: Any, peft_config: Any, spec: AdapterConfig) -> None:
+    """Refuse ``target_modules`` that name no module of ``model``, before peft is asked to adapt it.
+
+    Each name given in ``adapter.target_modules`` must match a module (as peft matches: the full
+    name or its last parts); a typo would otherwise adapt only the other modules, or fail inside
+    peft with a traceback that does not name the setting. Defaults from ``TARGET_MODULES`` are
+    refused only when none matches (peft's own rule), since not every variant of an architecture
+    has every default module. ``all-linear`` and methods without target modules are not checked.
+
+    Args:
+        model: The loaded base model.
+        peft_config: From :func:`peft_config_for` (``None`` for full fine-tuning).
+        spec: The run's adapter section.
+
+    Raises:
+        ConfigError: Naming ``adapter.target_modules``, the model type and the linear layers there are.
+    """
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = getattr(peft_config, "target_modules", None)
+    if not targets or targets == "all-linear":
+        return
+    if isinstance(targets, str):
+        groups = [targets]  # a regular expression, matched against whole module names
+    else:
+        groups = [[t] for t in sorted(targets)] if spec.target_modules else [sorted(targets)]
+    keys = [name for name, _ in model.named_modules() if name]
+    missing = []
+    for group in groups:
+        probe = SimpleNamespace(target_modules=group, exclude_modules=None, modules_to_save=None,
+                                target_parameters=None)
+        if not any(check_target_module_exists(probe, key) for key in keys):
+            missing += [group] if isinstance(group, str) else group
+    if missing:
+        model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
+        given = "" if spec.target_modules else f" (the default for model_type {model_type})"
+        raise ConfigError(
+            f"adapter.target_modules: {', '.join(missing)} not found in the model{given}; model_type {model_type} "
+            f"has the linear layers {', '.join(linear_layer_names(model))} (or use all-linear)"
+        )
+
+
 def check_method_compatibility(spec: AdapterConfig, train: TrainConfig) -> None:
     """Refuse method/training combinations known to fail, before any data or weights are loaded.
 

@@ -45,13 +45,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
                         rejects_label="--rejects" if args.rejects else "rejects file (default; set --rejects)")
     if args.on_invalid is None:
         args.on_invalid = "skip" if args.format == "exam-xlsx" else "error"
+    # These options shape the records of some formats only; anywhere else they would be ignored
+    # without a word (as --lang once was for summaries), so they are refused.
+    for option, value, formats in (("--lang", args.lang, ("exam-xlsx", "summary")),
+                                   ("--prompt", args.prompt, ("exam-xlsx", "summary")),
+                                   ("--sheet", args.sheet, ("exam-xlsx",))):
+        if value is not None and args.format not in formats:
+            hint = "; name the format instead of auto" if args.format == "auto" else ""
+            raise UsageError(f"{option} applies to {' and '.join(formats)} only, not {args.format}{hint}")
     if args.format == "exam-xlsx":
         from medtune.data.exam_xlsx import convert_exam_xlsx, summary_lines
 
         if not args.lang:
             raise UsageError("exam-xlsx needs --lang zh|en")
         result = convert_exam_xlsx(args.input, args.out, args.lang, sheet=args.sheet,
-                                   on_invalid=args.on_invalid, rejects_path=args.rejects)
+                                   on_invalid=args.on_invalid, rejects_path=args.rejects, prompt_path=args.prompt)
         kept = result.records
         print("\n".join(summary_lines(result, args.input, args.out, args.rejects)))
     else:
@@ -67,6 +75,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
                                          rejects_path=args.rejects)
             kept = result.records
             extra = "  tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(result.task_counts.items()))
+        elif args.format == "summary":
+            from medtune.data.instructions import convert_summaries
+
+            summaries = convert_summaries(args.input, args.out, lang=args.lang or "zh", prompt_path=args.prompt,
+                                          on_invalid=args.on_invalid, rejects_path=args.rejects)
+            result, kept, extra = summaries.read, summaries.read.records, ""
+            if summaries.other_language:
+                # a Chinese instruction around English dialogues (or the reverse) trains a model to
+                # answer in the wrong language; the records are written, but not silently
+                other, asked = ("English", "Chinese") if summaries.lang == "zh" else ("Chinese", "English")
+                print(f"medtune convert: warning: {len(summaries.other_language)} of {len(kept)} dialogues look "
+                      f"{other} (e.g. {summaries.other_language[0]}) but the prompt is {asked} "
+                      f"(--lang {summaries.lang}); pass --lang {'en' if summaries.lang == 'zh' else 'zh'} "
+                      "or --prompt FILE", file=sys.stderr)
         else:
             from medtune.data.instructions import convert_instructions
 
@@ -124,17 +146,31 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 # ---- train -----------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune from a YAML recipe plus key=value overrides (in several processes with --nproc)."""
+    from medtune.config import load_config
+
     if args.nproc > 1 or args.accelerate_config:
         from medtune.launch import run_distributed
 
-        extra = ["--no-resume"] if args.no_resume else []
+        extra = ["--no-resume"] if args.no_resume or args.overwrite else []
+        if args.overwrite:
+            from medtune.train.common import clear_run_dir
+
+            # Several processes would each delete the directory (racing each other's new files),
+            # so the parent removes the old run once, before they start. The settings are read
+            # first: a config that does not load leaves the old run alone.
+            clear_run_dir(Path(load_config(args.config, args.overrides).train.output_dir))
         return run_distributed(args.config, args.overrides, args.nproc, args.accelerate_config,
                                extra_train_args=extra)
-    from medtune.config import load_config
     from medtune.train import run
+    from medtune.train.common import overwriting
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = run(cfg, resume=not args.no_resume)
+    if args.overwrite:
+        # the old run is deleted by the stage once the new run's settings and data have passed
+        with overwriting(cfg.train.output_dir):
+            run_dir = run(cfg, resume=False)
+    else:
+        run_dir = run(cfg, resume=not args.no_resume)
     print(f"run directory: {run_dir}")
     return 0
 
@@ -148,47 +184,90 @@ def _check_source(args: argparse.Namespace, command: str) -> str | None:
     return run
 
 
-def _resolve(args: argparse.Namespace, command: str, kind: str = "exam"):  # noqa: ANN202 - a loading.Resolved
-    """What ``--run``/``--model``/``--adapter`` name, checked and described, before any weights load."""
+def _resolve(args: argparse.Namespace, command: str, kind: str | None = "exam"):  # noqa: ANN202 - a loading.Resolved
+    """What ``--run``/``--model``/``--adapter`` name, checked and described, before any weights load.
+
+    Every command that opens a model comes through here (``medtune.inference.loading.resolve_source``,
+    the one resolver), so a run that cannot do what ``command`` asks is refused in one line, with
+    the reason, before anything is loaded. ``kind`` is the data the command feeds (exam or
+    conversation), or None when the run's own template decides (chat, serve, webui);
+    ``evaluate`` scores exam options by log-likelihood.
+    """
     from medtune.inference.loading import resolve_source
 
     run = _check_source(args, command)
     return resolve_source(run=run, model=args.model, adapter=args.adapter, template=args.template,
                           dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                          backend=getattr(args, "backend", "hf"), kind=kind)
+                          backend=getattr(args, "backend", "hf"), kind=kind,
+                          use="loglik" if command == "evaluate" else "generate")
 
 
-def _load(args: argparse.Namespace, command: str, kind: str = "exam"):  # noqa: ANN202 - a loading.Loaded
+def _load(args: argparse.Namespace, command: str, kind: str | None = "exam"):  # noqa: ANN202 - a loading.Loaded
     from medtune.inference.loading import load_backend
 
     return load_backend(resolved=_resolve(args, command, kind))
 
 
+def _mode_line(template: object) -> str:
+    """How the chat commands render prompts for this run, for their startup line."""
+    kind = getattr(template, "kind", "exam")
+    if kind == "conversation":
+        return f"template {template.name} (conversation format: turns are rendered as in training)"
+    if kind == "text":
+        return "raw text (stage pt, no prompt template): the text you send is continued"
+    return f"template {getattr(template, 'name', '?')}"
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Generate answers (exam records) or replies (conversations) for a data file, resumably."""
-    from medtune.data.exam import detect_kind, load_conversations, load_exam_file
-    from medtune.inference.base import GenerationParams
+    """Generate answers (exam records) or replies (conversations) for a data file, resumably.
+
+    A ``.txt`` of plain text is a question list (one free-text question a line): without options
+    the questions are predicted as conversations, in the run's conversation format or the
+    ``--template`` given with ``--model`` (default plain); blank lines are skipped and counted.
+    """
+    from medtune.data.detect import detect
+    from medtune.data.exam import load_conversations, load_exam_file
     from medtune.inference.loading import load_backend
-    from medtune.inference.predict import check_resumable, predict, predict_conversations
-    from medtune.inference.provenance import prediction_source
+    from medtune.inference.predict import (
+        PromptWrapping,
+        check_resumable,
+        default_csv_path,
+        describe_producer,
+        predict,
+        predict_conversations,
+        read_question_lines,
+    )
 
     _check_source(args, "predict")
-    kind = detect_kind(args.data)
-    duplicates = "keep" if args.dedupe else "error"
-    if kind == "exam":
-        records, _ = load_exam_file(args.data, duplicates=duplicates)
+    params = _generation_params(args)
+    try:
+        wrapping = PromptWrapping(instruction=args.instruction, system=args.system)
+        csv_path = default_csv_path(args.out) if args.format == "csv" else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if Path(args.data).suffix.lower() == ".txt" and detect(args.data).layout == "text":
+        kind = "conversation"
+        questions = read_question_lines(args.data)
+        records = questions.records
+        print(f"{args.data}: question list, {questions.n_lines} lines → {len(records)} questions "
+              f"({questions.n_blank} blank lines skipped)")
     else:
-        records, _ = load_conversations(args.data, require_reply=False, duplicates=duplicates)
-    if args.dedupe:
-        records, dropped = drop_identical_repeats(records, args.data)
-        if dropped:
-            print(f"{args.data}: {dropped} repeated rows left out (identical to an earlier row with the same id)")
+        kind = detect(args.data, kinds=("exam", "conversation")).kind
+        duplicates = "keep" if args.dedupe else "error"
+        if kind == "exam":
+            records, _ = load_exam_file(args.data, duplicates=duplicates)
+        else:
+            records, _ = load_conversations(args.data, require_reply=False, duplicates=duplicates)
+        if args.dedupe:
+            records, dropped = drop_identical_repeats(records, args.data)
+            if dropped:
+                print(f"{args.data}: {dropped} repeated rows left out (identical to an earlier row with the same id)")
     if args.limit:
         records = records[: args.limit]
-    params = GenerationParams(max_new_tokens=args.max_new_tokens)
     resolved = _resolve(args, "predict", kind)
     # An --out that this producer may not continue is refused now, not after loading a 7B model.
-    check_resumable(args.out, prediction_source(resolved.source, resolved.template, params, kind), args.overwrite)
+    check_resumable(args.out, describe_producer(resolved.source, resolved.template, params, kind, wrapping),
+                    args.overwrite)
     loaded = load_backend(resolved=resolved)
     run = predict if kind == "exam" else predict_conversations
     stats = run(
@@ -201,10 +280,45 @@ def cmd_predict(args: argparse.Namespace) -> int:
         tokenizer=getattr(loaded.backend, "tokenizer", None),
         source=loaded.source,
         overwrite=args.overwrite,
+        wrapping=wrapping,
+        csv_path=csv_path,
     )
     print(f"{args.out}: {stats['predicted']} predicted, {stats['already_done']} already there "
-          f"(template {loaded.template.name})")
+          f"(template {loaded.template.name}; {_decoding_line(params)})")
+    if csv_path is not None:
+        print(f"csv: {csv_path} (written from {args.out}, which stays the resumable record)")
     return 0
+
+
+def _generation_params(args: argparse.Namespace):  # noqa: ANN202 - a GenerationParams
+    """Decoding settings from predict's options, refusing sampling options given for greedy decoding."""
+    from medtune.inference.base import GenerationParams
+
+    if not args.temperature > 0:
+        # They would change the producer description (and refuse a later rerun without them)
+        # while changing no output.
+        given = [flag for flag, value in (("--top-p", args.top_p), ("--top-k", args.top_k), ("--seed", args.seed))
+                 if value is not None]
+        if given:
+            verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
+            raise UsageError(f"{', '.join(given)} only {verb} when sampling: add --temperature T (T > 0), "
+                             f"or leave {them} out for greedy decoding")
+    try:
+        return GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=1.0 if args.top_p is None else args.top_p,
+                                top_k=0 if args.top_k is None else args.top_k,
+                                repetition_penalty=args.repetition_penalty, seed=args.seed)
+    except ValueError as exc:
+        raise UsageError(f"generation settings: {exc}") from None
+
+
+def _decoding_line(params) -> str:  # noqa: ANN001 - a GenerationParams
+    """``greedy`` or the sampling settings, for predict's summary line."""
+    penalty = f", repetition_penalty {params.repetition_penalty:g}" if params.repetition_penalty != 1.0 else ""
+    if not params.sampling:
+        return "greedy" + penalty
+    return (f"sampling: temperature {params.temperature:g}, top_p {params.top_p:g}, top_k {params.top_k}, "
+            f"seed {params.seed}{penalty}")
 
 
 def drop_identical_repeats(records: list, path: str) -> tuple[list, int]:
@@ -230,14 +344,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.mode == "generate":
         if not args.predictions:
             raise UsageError("give the predictions .jsonl (or --mode loglik with --data)")
+        if args.gold:
+            return _evaluate_against_gold(args)
+        if args.task in ("auto", "promptcblue") and _is_submission(args.predictions):
+            raise UsageError(f"{args.predictions} has official submission rows (sample_id, target): score them "
+                             "against the structured gold with --gold dev_structured.json")
         if _prediction_kind(args.predictions) == "conversation" and args.task != "cmexam":
             from medtune.evaluation.text_tasks import evaluate_text, format_table
 
-            results = evaluate_text(args.predictions, args.out, task=args.task, baseline=args.baseline)
+            results = evaluate_text(args.predictions, args.out, task=args.task, baseline=args.baseline,
+                                    lang=args.lang, tokenization=args.tokenizer)
             print(format_table(results, Path(args.out).name))
             print(f"results: {Path(args.out) / 'results.json'}")
             return 0
-        evaluate(args.predictions, args.out, parser=args.parser, template=args.template, tokenizer=args.tokenizer)
+        if args.tokenizer == "word" or args.lang != "auto":
+            raise UsageError("--tokenizer word and --lang are for text tasks; CMExam explanations are scored on "
+                             "characters (default) or --tokenizer jieba")
+        evaluate(args.predictions, args.out, parser=args.parser, template=args.template,
+                 tokenizer=args.tokenizer or "char")
     else:
         from medtune.data.exam import load_exam_file
 
@@ -253,6 +377,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(results_table([load_eval(args.out)], paper=False))
     print(f"results: {Path(args.out) / 'results.json'}")
     return 0
+
+
+def _evaluate_against_gold(args: argparse.Namespace) -> int:
+    """``evaluate PRED --gold STRUCTURED``: PromptCBLUE against the official structured gold."""
+    from medtune.evaluation.text_tasks import evaluate_promptcblue_gold, format_table
+
+    if args.task not in ("auto", "promptcblue"):
+        raise UsageError(f"--gold is PromptCBLUE's structured gold (e.g. dev_structured.json); --task {args.task} "
+                         "has none")
+    if args.tokenizer or args.lang != "auto":
+        raise UsageError("PromptCBLUE is scored with its official tokenisation; leave --tokenizer and --lang out")
+    results = evaluate_promptcblue_gold(args.predictions, args.gold, args.out, baseline=args.baseline)
+    print(format_table(results, Path(args.out).name))
+    print(f"results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def _is_submission(path: str) -> bool:
+    """Whether the first row has the official PromptCBLUE submission shape (``sample_id``, ``target``, no output)."""
+    from medtune.io import iter_jsonl
+
+    if not Path(path).is_file():
+        return False
+    try:
+        first = next(iter(iter_jsonl(path)), None)
+    except ValueError:
+        return False  # not JSON lines: the readers below say what is wrong
+    return first is not None and {"sample_id", "target"} <= set(first[1]) and "output" not in first[1]
 
 
 def _prediction_kind(path: str) -> str:
@@ -312,11 +464,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive terminal chat (or exam questions with --exam)."""
     from medtune.inference.base import GenerationParams
+    from medtune.inference.loading import load_backend
     from medtune.inference.terminal import TerminalChat
 
-    loaded = _load(args, "chat")
+    # --exam needs an exam run; otherwise the run's own template decides how turns are rendered
+    resolved = _resolve(args, "chat", "exam" if args.exam else None)
+    if args.system and resolved.data_kind == "text":
+        raise UsageError("--system: a raw-text (pt) model continues text and has no place for a system message")
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    print(f"medtune chat · {loaded.name} · template {loaded.template.name}")
+    loaded = load_backend(resolved=resolved)
+    print(f"medtune chat · {loaded.name} · {_mode_line(loaded.template)}")
     return TerminalChat(loaded.backend, loaded.template, params, exam=args.exam, system=args.system).run()
 
 
@@ -327,11 +484,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from medtune.inference.server import HostPolicy, create_app, serve
 
     HostPolicy(args.allowed_hosts)  # a malformed --allowed-host fails now, not after loading the model
-    loaded = _load(args, "serve")
+    loaded = _load(args, "serve", None)  # the run's own template renders chat requests
     api_key = args.api_key or os.environ.get("MEDTUNE_API_KEY") or None
     app = create_app(loaded.backend, args.model_name or loaded.name, api_key=api_key,
                      max_queue=args.max_queue, max_concurrency=args.max_concurrency,
-                     max_prompt_tokens=args.max_prompt_tokens, allowed_hosts=args.allowed_hosts)
+                     max_prompt_tokens=args.max_prompt_tokens, allowed_hosts=args.allowed_hosts,
+                     template=loaded.template)
     limit, context = app.state.max_prompt_tokens, app.state.context_length
     if args.max_prompt_tokens is not None:
         source = "--max-prompt-tokens" + (f"; the model's context length is {context}" if context else "")
@@ -345,6 +503,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving {args.model_name or loaded.name} on http://{shown_host}:{args.port}/v1 "
           f"({'API key required' if api_key else 'no API key'})")
     print(f"prompts up to {limit} tokens ({source}); Host accepted: {app.state.host_policy.describe()}")
+    if loaded.template is not None and loaded.template.kind != "exam":
+        print(f"chat completions: {_mode_line(loaded.template)}"
+              + ("; /v1/chat/completions is refused, use /v1/completions" if loaded.template.kind == "text" else ""))
     serve(app, host=args.host, port=args.port)
     return 0
 
@@ -357,7 +518,7 @@ def cmd_webui(args: argparse.Namespace) -> int:
         from medtune.web.app import build_demo, launch
     except ImportError as exc:
         raise UsageError(f"webui needs gradio: pip install 'medtune[web]' ({exc})") from None
-    loaded = _load(args, "webui")
+    loaded = _load(args, "webui", None)  # the run's template decides the tabs (see web.app.demo_tabs)
     base = loaded.backend.base() if getattr(loaded.backend, "has_adapter", False) else None
     demo = build_demo(loaded.backend, loaded.template, loaded.name, base_backend=base,
                       params=GenerationParams(max_new_tokens=args.max_new_tokens))
@@ -442,7 +603,14 @@ def build_parser() -> argparse.ArgumentParser:
                                       "preference", "qa", "summary", "auto"],
                    help="source format (auto: detect alpaca/sharegpt/messages/preference/qa/summary from the keys)")
     c.add_argument("input", help="CMExam .csv/.jsonl/.xlsx, PromptCBLUE JSON lines, exam .xlsx, instruction JSON lines")
-    c.add_argument("--lang", choices=["zh", "en"], help="exam-xlsx: which paper (Chinese or English)")
+    c.add_argument("--lang", choices=["zh", "en"],
+                   help="exam-xlsx: which paper (Chinese or English) and its instruction; summary: the "
+                        "instruction's language (default zh)")
+    c.add_argument("--prompt", metavar="FILE",
+                   help="exam-xlsx, summary: an instruction text file of your own (UTF-8) instead of the shipped "
+                        "templates/question_generation/LANG.txt or templates/summary/LANG.txt; a summary prompt "
+                        "must contain {dialogue}; a question-generation prompt may use {n} (number of questions) "
+                        "and {passage} (else the passage follows it after a blank line)")
     c.add_argument("--sheet", help="exam-xlsx: sheet name (default: the one naming the language)")
     c.add_argument("--out", required=True, help="records .jsonl to write")
     c.add_argument("--on-invalid", choices=["error", "skip"],
@@ -471,16 +639,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML recipe, e.g. src/medtune/configs/quickstart.yaml")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.learning_rate=1e-4")
     t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over in an existing run directory (train.output_dir): its checkpoints, logs and "
+                        "results are deleted once the new run's settings and data are checked, instead of resuming "
+                        "or refusing a different config; only a medtune run directory is deleted")
     t.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes; > 1 launches torchrun (or accelerate with --accelerate-config)")
     t.add_argument("--accelerate-config",
                    help="accelerate config, e.g. src/medtune/configs/accelerate/deepspeed_zero3.yaml")
     t.set_defaults(func=cmd_train)
 
-    pr = sub.add_parser("predict", help="batched greedy generation, appended as it goes")
+    pr = sub.add_parser("predict", help="batched generation (greedy by default), appended as it goes")
     _model_args(pr)
     pr.add_argument("--data", required=True,
-                    help="exam records / raw CMExam file, or conversations (records, PromptCBLUE, alpaca, ShareGPT)")
+                    help="exam records / raw CMExam file, conversations (records, PromptCBLUE, alpaca, ShareGPT), "
+                         "or a .txt question list (one question a line, predicted as conversations)")
     pr.add_argument("--out", required=True,
                     help="predictions .jsonl; a rerun skips the ids already there (NAME.meta.json says what "
                          "produced them)")
@@ -494,6 +667,28 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--dedupe", action="store_true",
                     help="data with repeated ids (e.g. oversampled training rows): predict each id once, leaving "
                          "out repeats identical to the first (differing repeats are an error)")
+    sampling = pr.add_argument_group(
+        "decoding", "greedy unless --temperature > 0; every setting is recorded in NAME.meta.json, so a rerun "
+                    "with another value is refused")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    sampling.add_argument("--top-p", type=float, help="sampling: nucleus mass to keep (default 1 = all)")
+    sampling.add_argument("--top-k", type=int, help="sampling: keep the K most probable tokens (default 0 = all)")
+    sampling.add_argument("--repetition-penalty", type=float, default=1.0,
+                          help="penalise tokens already in prompt or output (default 1 = off; greedy too)")
+    sampling.add_argument("--seed", type=int,
+                          help="sampling: reproducible outputs (each prompt its own random stream, so batch size, "
+                               "order and resuming do not change them)")
+    wrap = pr.add_argument_group("prompt wrapping", "texts that wrap every input, built into the template and "
+                                                    "recorded in NAME.meta.json")
+    wrap.add_argument("--instruction",
+                      help="instruction written into each input; with {input} in it, the input takes that place "
+                           "(e.g. '请简要回答：{input}'), else it goes on the line before the input; give a line "
+                           "break as a real one (bash: $'...\\n...')")
+    wrap.add_argument("--system", help="system text: the system message of chat templates, else a first line")
+    pr.add_argument("--format", choices=["jsonl", "csv"], default="jsonl",
+                    help="csv: also write OUT with .csv (columns id, question, options, answer, output for exam "
+                         "data; id, input, reference, output for conversations; UTF-8 with BOM), rewritten from "
+                         "the resumable .jsonl at the end of each run")
     pr.set_defaults(func=cmd_predict)
 
     e = sub.add_parser("evaluate", help="accuracy, F1, BLEU, ROUGE as the CMExam paper computes them")
@@ -506,8 +701,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score generated outputs (default) or score each option by log-likelihood")
     e.add_argument("--parser", choices=["robust", "strict"], default="robust",
                    help="robust (ours, default) or strict (bug-compatible with the paper)")
-    e.add_argument("--tokenizer", choices=["char", "jieba"], default="char",
-                   help="explanation BLEU tokens: characters (paper) or legacy jieba words")
+    e.add_argument("--tokenizer", choices=["char", "word", "jieba"],
+                   help="CMExam explanation BLEU: characters (paper, default) or legacy jieba words; text tasks' "
+                        "ROUGE: char (default for Chinese), word (default for English), or jieba words")
+    e.add_argument("--lang", choices=["auto", "zh", "en"], default="auto",
+                   help="text tasks: the language, which picks the ROUGE unit (auto: detected from the "
+                        "references; en stands for any space-delimited language)")
+    e.add_argument("--gold", help="PromptCBLUE: the official structured gold (e.g. dev_structured.json); the "
+                                  "predictions may be medtune's or the official submission rows (sample_id, target)")
     _model_args(e, template_help="template locating answers (generate) or building prompts (loglik)")
     e.add_argument("--data", help="records .jsonl or raw CMExam file (loglik mode)")
     e.add_argument("--choices", choices=["letters", "text"], default="letters",

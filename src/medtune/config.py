@@ -43,8 +43,19 @@ class DataConfig:
     validation: str | None = None  # optional; else `val_fraction` of train is held out
     val_fraction: float = 0.0
     template: str = "qa"  # exam data: a shipped template name or a template YAML path
-    conversation_format: str = "plain"  # conversation data: plain | chat (the model's chat template)
-    max_length: int = 512  # tokens; longer examples are truncated from the right (answer first)
+    # conversation data: a shipped conversation template (plain | chat | alpaca | instruct_zh) or a
+    # template YAML path; saved as the run's template.yaml, so inference renders prompts the same way
+    conversation_format: str = "plain"
+    max_length: int = 512  # tokens of prompt + target (see data.truncation)
+    max_source_length: int | None = None  # tokens of the prompt (null: only max_length limits it)
+    max_target_length: int | None = None  # tokens of the target, EOS included (null: likewise)
+    # over a limit: middle | left — cut the prompt there (exam prompts are never cut: their
+    # explanation is shortened), the target from the right; drop — leave the example out whole
+    truncation: str = "middle"
+    # refuse a run in which every example of a task (PromptCBLUE's task_dataset) is dropped
+    allow_dropped_tasks: bool = False
+    max_explanation_chars: int | None = None  # exam data: explanations longer than this ...
+    on_long_explanation: str = "drop"  # ... drop the record (as the CMExam workflow does) | cut the explanation
     max_samples: int | None = None  # use only the first N training records (quick runs)
     on_invalid: str = "error"  # for raw CMExam input: error | skip
 
@@ -54,14 +65,17 @@ class AdapterConfig:
     """Parameter-efficient method and its knobs."""
 
     method: str = "lora"  # lora | adalora | full | qlora | prefix | prompt
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] | str | None = None  # None: chosen per architecture; or "all-linear"
+    r: int = 8  # as peft's LoraConfig
+    alpha: int = 16  # peft's default is 8; 2 x r is the usual LoRA choice (scale alpha / r = 2)
+    dropout: float = 0.05  # peft's default is 0.0
+    # None: chosen per architecture (adapters.TARGET_MODULES); "all-linear"; a regex string; or a
+    # list of module names, in YAML or on the command line as q_proj,v_proj or [q_proj,v_proj]
+    target_modules: list[str] | str | None = None
     # AdaLoRA: the rank budget falls from init_r to target_r between step tinit and
     # total_steps - tfinal (None: 10% of the run each), reallocating every delta_t steps.
+    # init_r and target_r are peft's AdaLoraConfig defaults (12 and 8).
     init_r: int = 12
-    target_r: int = 4
+    target_r: int = 8
     tinit: int | None = None
     tfinal: int | None = None
     delta_t: int = 1
@@ -81,7 +95,8 @@ class TrainConfig:
     batch_size: int = 4
     eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    warmup_ratio: float = 0.0  # fraction of total steps (must be < 1)
+    warmup_ratio: float = 0.0  # fraction of total steps (must be < 1); or use warmup_steps, not both
+    warmup_steps: int = 0  # learning rate rises linearly from 0 over this many optimiser steps
     lr_scheduler: str = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -97,7 +112,23 @@ class TrainConfig:
     # transformers optimiser name; None: adamw_torch, or paged_adamw_8bit for qlora (bitsandbytes,
     # GPU) so optimizer state spikes page to CPU memory instead of running out of GPU memory
     optim: str | None = None
-    early_stopping_patience: int | None = None  # stop after N evaluations without a better eval loss
+    # Evaluation on the validation set: every eval_steps optimiser steps; None: once per epoch
+    # (with load_best_model_at_end: at every checkpoint, i.e. every save_steps).
+    eval_steps: int | None = None
+    # At the end, load the checkpoint with the best metric_for_best_model (the saved adapter or
+    # model is then that one, not the last). A checkpoint is saved at every evaluation.
+    load_best_model_at_end: bool = False
+    # eval_loss (lower is better) | eval_accuracy (needs eval_accuracy; higher is better) | for
+    # rm/dpo any metric their trainer logs; a name ending in "loss" is minimised, others maximised.
+    # Also what early_stopping_patience watches.
+    metric_for_best_model: str = "eval_loss"
+    # sft on exam data: at each evaluation also score the validation questions and log eval_accuracy
+    # (a fraction, 0-1, like the other in-training accuracies) beside eval_loss. none | loglik (the
+    # most likely answer letters after the answer cue: one forward pass per question, cheap) |
+    # generate (greedy generation, read by the robust reader as medtune evaluate reads it).
+    eval_accuracy: str = "none"
+    eval_max_new_tokens: int = 32  # eval_accuracy=generate: tokens generated per question
+    early_stopping_patience: int | None = None  # stop after N evaluations without a better metric_for_best_model
 
 
 @dataclass
@@ -154,7 +185,7 @@ class RunConfig:
         _choice("model.dtype", self.model.dtype, ["auto", "float32", "bfloat16", "float16"])
         _choice("adapter.method", self.adapter.method, ["lora", "adalora", "full", "qlora", "prefix", "prompt"])
         _choice("data.on_invalid", self.data.on_invalid, ["error", "skip"])
-        _choice("data.conversation_format", self.data.conversation_format, ["plain", "chat"])
+        self._validate_data()
         if not self.model.name_or_path:
             raise ConfigError("model.name_or_path: required (a local folder or hub id)")
         if not self.data.train:
@@ -162,9 +193,41 @@ class RunConfig:
         if not 0.0 <= self.data.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction: expected 0 <= x < 1, got {self.data.val_fraction}")
         self._validate_numbers()
+        self._validate_evaluation()
         if self.train.bf16 and self.train.fp16:
             raise ConfigError("train.bf16 and train.fp16: choose one")
+        if self.adapter.target_modules is not None and not self.adapter.target_modules:
+            raise ConfigError(f"adapter.target_modules: empty ({self.adapter.target_modules!r}); write null for the "
+                              "architecture's defaults, all-linear, or module names such as [q_proj,v_proj]")
         return self
+
+    def _validate_data(self) -> None:
+        """Data settings: template names, length limits and the choices that go with them."""
+        from medtune.templates import available
+
+        d = self.data
+        shipped = available("conversation")
+        # a path is checked when training loads it (like data.template); a typo'd name fails here
+        if d.conversation_format not in shipped and not d.conversation_format.endswith((".yaml", ".yml")):
+            raise ConfigError(f"data.conversation_format: expected a shipped conversation template "
+                              f"({' | '.join(shipped)}) or a template .yaml path, got {d.conversation_format!r}")
+        _choice("data.truncation", d.truncation, ["middle", "left", "drop"])
+        _choice("data.on_long_explanation", d.on_long_explanation, ["drop", "cut"])
+        for key, value in (("data.max_source_length", d.max_source_length),
+                           ("data.max_target_length", d.max_target_length)):
+            # a part as long as the whole would leave the other part no token
+            if value is not None and not 1 <= value < d.max_length:
+                raise ConfigError(f"{key}: expected null or 1 <= x < data.max_length ({d.max_length}), got {value}")
+        if d.max_explanation_chars is not None and d.max_explanation_chars < 0:
+            raise ConfigError(f"data.max_explanation_chars: expected null (no limit) or a number >= 0, "
+                              f"got {d.max_explanation_chars}")
+        if self.stage != "sft":
+            # only SFT builds examples this way; a setting another stage would ignore is refused
+            for key, value in (("max_source_length", d.max_source_length),
+                               ("max_target_length", d.max_target_length),
+                               ("max_explanation_chars", d.max_explanation_chars)):
+                if value is not None:
+                    raise ConfigError(f"data.{key}: only stage sft uses it (this is stage {self.stage}); remove it")
 
     def _validate_numbers(self) -> None:
         """Numeric knobs outside their domain: each would train nonsense or crash deep in a trainer.
@@ -191,6 +254,7 @@ class RunConfig:
             ("preference.max_prompt_length", self.preference.max_prompt_length),
             ("rl.max_completion_length", self.rl.max_completion_length),
             ("rl.temperature", self.rl.temperature),
+            ("train.eval_max_new_tokens", t.eval_max_new_tokens),
         ):
             if value <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {value}")
@@ -202,6 +266,13 @@ class RunConfig:
             raise ConfigError(f"train.epochs: must be > 0 (or set train.max_steps >= 1), got {t.epochs}")
         if not 0.0 <= t.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio: expected 0 <= x < 1 (a fraction of the steps), got {t.warmup_ratio}")
+        if t.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps: expected a number of optimiser steps >= 0, got {t.warmup_steps}")
+        if t.warmup_steps and t.warmup_ratio:
+            # transformers takes one warmup_steps argument (a count, or a ratio when < 1): both
+            # set would silently drop one of them
+            raise ConfigError(f"train.warmup_steps ({t.warmup_steps}) and train.warmup_ratio ({t.warmup_ratio}): "
+                              "choose one")
         for key, value in (
             ("train.weight_decay", t.weight_decay),
             ("train.max_grad_norm", t.max_grad_norm),  # 0 turns gradient clipping off
@@ -230,6 +301,48 @@ class RunConfig:
             # GRPO/RLOO score each completion against the others sampled for the same prompt
             raise ConfigError(f"rl.num_generations: must be >= 2, got {self.rl.num_generations}")
 
+    def _validate_evaluation(self) -> None:
+        """Evaluation schedule, best-checkpoint loading and answer scoring: combinations that can work.
+
+        What can only be known from the data (e.g. a validation split that came out empty) is
+        checked by the stages; these are the combinations no data can rescue.
+        """
+        t = self.train
+        _choice("train.eval_accuracy", t.eval_accuracy, ["none", "loglik", "generate"])
+        if t.eval_steps is not None and t.eval_steps < 1:
+            raise ConfigError(f"train.eval_steps: expected null (once per epoch) or a number of optimiser steps "
+                              f">= 1, got {t.eval_steps}")
+        # pt always holds out blocks (a default fraction); rl never evaluates
+        has_validation = bool(self.data.validation) or self.data.val_fraction > 0 or self.stage == "pt"
+        where = "set data.validation or data.val_fraction > 0"
+        for key, wanted in (("train.eval_steps", t.eval_steps is not None),
+                            ("train.load_best_model_at_end", t.load_best_model_at_end),
+                            ("train.eval_accuracy", t.eval_accuracy != "none")):
+            if not wanted:
+                continue
+            if self.stage == "rl":
+                raise ConfigError(f"{key}: stage rl does not evaluate on a validation set")
+            if not has_validation:
+                raise ConfigError(f"{key}: needs a validation set to evaluate on; {where}")
+        if t.eval_accuracy != "none" and self.stage != "sft":
+            raise ConfigError(f"train.eval_accuracy: scores answers to exam questions, so stage sft only "
+                              f"(got stage {self.stage})")
+        if t.load_best_model_at_end and t.eval_steps is not None and t.eval_steps != t.save_steps:
+            # transformers can only load an evaluation's weights if a checkpoint was saved at that
+            # step; with checkpoints rarer than evaluations, a best evaluation between two
+            # checkpoints is recorded as best but never loadable, and an older checkpoint is loaded.
+            raise ConfigError(f"train.load_best_model_at_end: needs a checkpoint at every evaluation; set "
+                              f"train.save_steps equal to train.eval_steps (now {t.save_steps} and {t.eval_steps}), "
+                              "or leave train.eval_steps null to evaluate at every checkpoint")
+        metric = eval_metric_key(t.metric_for_best_model)
+        known = {"sft": ["eval_loss", "eval_accuracy"], "pt": ["eval_loss"]}.get(self.stage)
+        if known is not None and metric not in known:
+            raise ConfigError(f"train.metric_for_best_model: stage {self.stage} logs {known}, got "
+                              f"{t.metric_for_best_model!r}")
+        if metric == "eval_accuracy" and self.stage == "sft" and t.eval_accuracy == "none":
+            raise ConfigError("train.metric_for_best_model: eval_accuracy is logged only with "
+                              "train.eval_accuracy=loglik or generate")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict."""
         return dataclasses.asdict(self)
@@ -239,6 +352,11 @@ class RunConfig:
         from medtune.io import atomic_write_text
 
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), allow_unicode=True, sort_keys=False))
+
+
+def eval_metric_key(name: str) -> str:
+    """The key an evaluation metric has in the trainer's metrics: ``accuracy`` → ``eval_accuracy``."""
+    return name if name.startswith("eval_") else f"eval_{name}"
 
 
 def _choice(key: str, value: str, allowed: list[str]) -> None:
@@ -254,6 +372,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
+        if any(typing.get_origin(a) is list for a in args):
+            value = _bracket_list(key, value)  # [q_proj,v_proj] is a list, not the string "[q_proj"
         if isinstance(value, str) and str in args and "," not in value:
             return value  # e.g. target_modules: all-linear stays a string, not ["all-linear"]
         errors = []
@@ -267,6 +387,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is list:
         (item,) = typing.get_args(hint)
+        value = _bracket_list(key, value)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
@@ -309,6 +430,23 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _bracket_list(key: str, value: Any) -> Any:
+    """An override written in YAML flow form, ``[a, b]`` or ``['a', "b"]``, as a list; else ``value``.
+
+    Overrides arrive as strings; without this ``[q_proj,v_proj]`` would be split on the comma into
+    the names ``[q_proj`` and ``v_proj]``.
+    """
+    if not (isinstance(value, str) and value.strip().startswith("[") and value.strip().endswith("]")):
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot read {value!r} as a list: {' '.join(str(exc).split())}") from exc
+    if not isinstance(parsed, list) or any(isinstance(v, (list, dict)) or v is None for v in parsed):
+        raise ConfigError(f"{key}: expected a list of names such as [q_proj,v_proj], got {value!r}")
+    return parsed
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:

@@ -4,6 +4,11 @@ A merged export loads with plain ``AutoModelForCausalLM.from_pretrained(out)`` a
 ``AutoTokenizer.from_pretrained(out)``: no medtune, no peft. It also carries the run's
 ``template.yaml`` (the prompt format the model was trained on) and ``medtune_export.json``
 (what was exported, from which base, with which config).
+
+Every kind of run exports (the run is opened by the one resolver,
+:func:`medtune.inference.loading.resolve_source`): pt, sft, dpo and rl runs as causal LMs, and a
+reward model (stage rm) as a sequence-classification model with its trained score head, which
+loads with ``AutoModelForSequenceClassification.from_pretrained(out)``.
 """
 
 from __future__ import annotations
@@ -60,14 +65,15 @@ def export_run(
             fine-tune; a non-empty ``out_dir`` without ``overwrite``.
         FileNotFoundError: ``run_dir`` is not a finished run.
     """
-    from medtune.inference.predict import resolve_run
+    from medtune.inference.loading import resolve_source
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    art = resolve_run(run_dir)  # checks config.yaml and adapter/ or model/ before any heavy work
-    if art.trust_remote_code and not trust_remote_code:
-        raise ExportError(f"{run_dir} was trained with model.trust_remote_code=true: exporting it runs Python "
-                          f"code from {art.model_path}; pass --trust-remote-code if you trust that code")
-    art.trust_remote_code = trust_remote_code
+    # The one resolver: config.yaml, adapter/ or model/, the chain, the run kind, and the refusal of
+    # a run that asks for remote code without --trust-remote-code, all before any heavy work.
+    try:
+        art = resolve_source(run=str(run_dir), trust_remote_code=trust_remote_code, kind=None, use="export")
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     with open(run_dir / "config.yaml", encoding="utf-8") as fh:
         run_cfg = yaml.safe_load(fh)
     adapter_cfg = _adapter_config(art.adapter_path)
@@ -150,7 +156,9 @@ def _save_merged(art: Any, out: Path, dtype: str | None) -> str:
     # float32 on CPU: merging W + BA in bf16 would round twice, and an export should not need a GPU.
     model, tokenizer = load_for_inference(art.model_path, art.adapter_path, dtype="float32",
                                           trust_remote_code=art.trust_remote_code, device="cpu",
-                                          merge_first=art.merge_first)
+                                          merge_first=art.merge_first,
+                                          # a reward model keeps its score head (peft modules_to_save)
+                                          sequence_classification=art.run_kind == "rm")
     if art.adapter_path is not None:
         model = model.merge_and_unload()
     target = resolve_dtype(dtype, torch.device("cpu")) if dtype else _native_dtype(model)
@@ -178,7 +186,9 @@ def _config_dtype(config: Any) -> Any:
 
 def _export_info(run_dir: Path, art: Any, run_cfg: dict[str, Any], peft_type: str | None,
                  adapter_only: bool, saved_dtype: str | None) -> dict[str, Any]:
-
+    reward_model = art.run_kind == "rm"
+    auto = "AutoModelForSequenceClassification" if reward_model else "AutoModelForCausalLM"
+    head = ", num_labels=1" if reward_model else ""
     try:
         from importlib.metadata import version
 
@@ -200,8 +210,9 @@ def _export_info(run_dir: Path, art: Any, run_cfg: dict[str, Any], peft_type: st
         "medtune_version": medtune_version,
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_config": run_cfg,
-        "load": ("PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), OUT)"
-                 if adapter_only else "AutoModelForCausalLM.from_pretrained(OUT)"),
+        "run_kind": art.run_kind,
+        "load": (f"PeftModel.from_pretrained({auto}.from_pretrained(base_model{head}), OUT)"
+                 if adapter_only else f"{auto}.from_pretrained(OUT)"),
     }
 
 

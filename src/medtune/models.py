@@ -94,17 +94,31 @@ def load_for_inference(
     trust_remote_code: bool = False,
     device: torch.device | str | None = None,
     merge_first: list[str] | tuple[str, ...] = (),
+    sequence_classification: bool = False,
 ) -> tuple[Any, Any]:
     """Base model (+ optional peft adapter) and tokenizer, in eval mode.
 
     ``merge_first`` are earlier stages' adapters merged into the weights before ``adapter_path``
     is applied (unmerged, so it can be switched off for base-vs-tuned comparisons). The tokenizer
     comes from the adapter folder when it has one (training saves it there), else from the base.
+    ``sequence_classification`` loads the one-score head a reward model (stage rm) is built on
+    instead of the language-model head.
+
+    Raises:
+        ValueError: ``model_path`` is a reward model and a language model was asked for.
     """
+    if not sequence_classification:
+        reason = reward_model_reason(model_path)
+        if reason:
+            raise ValueError(f"{model_path} {reason}: a reward model scores text, it does not generate")
     chained = previous_run(model_path)  # a run directory given as the model: rebuild it
     base, merged = chained if chained else (model_path, [])
     merged = [*merged, *merge_first]
-    model = load_causal_lm(base, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
+    if sequence_classification:
+        model = _load_sequence_classifier(base, dtype, trust_remote_code,
+                                          torch.device(device) if device is not None else default_device())
+    else:
+        model = load_causal_lm(base, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
     tok_source = base
     model = merge_adapters(model, merged)
     if adapter_path:
@@ -117,8 +131,20 @@ def load_for_inference(
         if (Path(adapter_path) / "tokenizer_config.json").exists():
             tok_source = adapter_path
     tokenizer = load_tokenizer(tok_source, trust_remote_code=trust_remote_code)
+    if sequence_classification and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
     model.eval()
     return model, tokenizer
+
+
+def _load_sequence_classifier(name_or_path: str, dtype: str, trust_remote_code: bool, device: torch.device) -> Any:
+    """A model with a one-output score head (a reward model's shape) on ``device``."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, num_labels=1, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code,
+        use_safetensors=_has_safetensors(name_or_path))
+    return model.to(device)
 
 
 def build_tiny_model(
@@ -202,6 +228,41 @@ class GPURequired(RuntimeError):
     """A feature that needs a CUDA GPU was asked for on a machine without one."""
 
 
+def _run_config(path: Path) -> dict[str, Any] | None:
+    """A run directory's saved ``config.yaml``, or None when ``path`` is not a run directory."""
+    import yaml
+
+    cfg_path = path / "config.yaml"
+    if not (path.is_dir() and cfg_path.exists()):
+        return None
+    with open(cfg_path, encoding="utf-8") as fh:
+        return yaml.safe_load(fh) or {}
+
+
+def reward_model_reason(name_or_path: str) -> str | None:
+    """Why ``name_or_path`` is a reward model, as words after its name; None when it is not one.
+
+    A run directory of stage rm, or a folder whose ``config.json`` names only sequence-classification
+    architectures (what ``medtune export`` makes of an rm run). Such a model has a score head and
+    no language-model head: loading it as a causal LM would invent a random one.
+    """
+    path = Path(name_or_path)
+    cfg = _run_config(path)
+    if cfg is not None:
+        return "is a reward model (stage rm)" if cfg.get("stage") == "rm" else None
+    config = path / "config.json"
+    if path.is_dir() and config.exists():
+        import json
+
+        try:
+            archs = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+        except (OSError, ValueError):
+            return None  # not ours to judge: loading it will say what is wrong
+        if archs and all(str(a).endswith("ForSequenceClassification") for a in archs):
+            return f"is a sequence-classification model ({archs[0]}, e.g. an exported reward model)"
+    return None
+
+
 def previous_run(name_or_path: str) -> tuple[str, list[str]] | None:
     """``(base model, [adapter folders])`` when ``name_or_path`` is a medtune run directory.
 
@@ -209,41 +270,107 @@ def previous_run(name_or_path: str) -> tuple[str, list[str]] | None:
     adapters are in training order; applying them one after another (each merged) rebuilds the
     run's model. A run that kept training the previous run's adapter (``previous_adapter: stack``)
     replaces that adapter in the chain instead of adding one.
-    """
-    import yaml
 
+    Raises:
+        FileNotFoundError: A run in the chain has not finished.
+        ValueError: A run in the chain was trained on top of a reward model (which no stage
+            allows: its weights cannot be rebuilt as a language model).
+    """
     path = Path(name_or_path)
-    cfg_path = path / "config.yaml"
-    if not (path.is_dir() and cfg_path.exists()):
+    cfg = _run_config(path)
+    if cfg is None:
         return None
-    with open(cfg_path, encoding="utf-8") as fh:
-        model_cfg = yaml.safe_load(fh)["model"]
+    model_cfg = cfg["model"]
     if (path / "model").is_dir():  # full fine-tune: the run's own weights are the model
         return str(path / "model"), []
     if not (path / "adapter").is_dir():
         raise FileNotFoundError(f"{path}: the run has not finished (no adapter/ or model/ folder)")
-    inner = previous_run(model_cfg["name_or_path"])
-    base, earlier = inner if inner else (model_cfg["name_or_path"], [])
+    parent = model_cfg["name_or_path"]
+    reason = reward_model_reason(parent)
+    if reason:
+        raise ValueError(f"{path} was trained on top of {parent}, which {reason}; that chain cannot be rebuilt")
+    inner = previous_run(parent)
+    base, earlier = inner if inner else (parent, [])
     if earlier and model_cfg.get("previous_adapter") == "stack":
         earlier = earlier[:-1]
     return base, [*earlier, str(path / "adapter")]
 
 
-def merge_adapters(model: Any, adapters: list[str]) -> Any:
-    """Apply each adapter and merge it into the weights, in order."""
-    from peft import PeftModel
+def _peft_type(adapter: str) -> str | None:
+    """``peft_type`` of an adapter folder's ``adapter_config.json`` (None when unreadable)."""
+    import json
+
+    try:
+        return json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type")
+    except (OSError, ValueError):
+        return None
+
+
+def check_mergeable(adapters: list[str] | tuple[str, ...]) -> None:
+    """Refuse adapters that add virtual tokens (prefix/prompt tuning) where they would have to be merged.
+
+    They have no weight delta to merge into the weights under another stage's adapter, and peft
+    cannot load a saved one as trainable either, so no stage can be trained on top of such a run.
+
+    Raises:
+        ValueError: Naming the adapter and what to do instead.
+    """
+    from medtune.adapters import VIRTUAL_TOKEN_PEFT_TYPES
 
     for adapter in adapters:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        kind = _peft_type(adapter)
+        if kind in VIRTUAL_TOKEN_PEFT_TYPES:
+            run = Path(adapter).parent
+            cfg = _run_config(run) or {}
+            start = (cfg.get("model") or {}).get("name_or_path")
+            raise ValueError(
+                f"{run} was trained with {kind} (virtual tokens, not a weight delta): it cannot be merged into the "
+                "weights under another stage's adapter, and peft cannot train a saved one further; train the next "
+                f"stage from {start or 'the model that run started from'}, or retrain {run.name} with "
+                "adapter.method=lora")
+
+
+def merge_adapters(model: Any, adapters: list[str] | tuple[str, ...]) -> Any:
+    """Apply each adapter and merge it into the weights, in order.
+
+    Each adapter is loaded as a bare weight delta (peft's task type cleared): a LoRA trained on a
+    causal LM changes the same decoder weights under a reward model's score head, and peft's
+    task-specific wrappers would expect the head the adapter was trained with (a causal-LM
+    wrapper on a sequence classifier fails with ``prepare_inputs_for_generation``).
+    """
+    from peft import PeftConfig, PeftModel
+
+    check_mergeable(adapters)
+    for adapter in adapters:
+        config = PeftConfig.from_pretrained(adapter)
+        config.task_type = None
+        model = PeftModel.from_pretrained(model, adapter, config=config).merge_and_unload()
     return model
 
 
+def _refuse_reward_model_base(name_or_path: str) -> None:
+    """Refuse to train on top of a reward model (called before anything is loaded)."""
+    reason = reward_model_reason(name_or_path)
+    if reason:
+        cfg = _run_config(Path(name_or_path))
+        start = f", or train from the model it started from ({cfg['model']['name_or_path']})" if cfg else ""
+        raise ValueError(f"{name_or_path} {reason}: a reward model scores text, it does not generate, so no stage "
+                         f"can train on top of it; use it as rl.reward_model (rl.reward=model){start}")
+
+
 def training_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
-    """The tokenizer for training on ``name_or_path`` (a base model or a previous run directory)."""
+    """The tokenizer for training on ``name_or_path`` (a base model or a previous run directory).
+
+    It is the first thing a stage loads, so a starting point no stage can train on is refused
+    here, before a run directory exists: a reward model, or a run whose chain holds a
+    prefix/prompt-tuning adapter (see :func:`check_mergeable`).
+    """
+    _refuse_reward_model_base(name_or_path)
     chained = previous_run(name_or_path)
     if chained is None:
         return load_tokenizer(name_or_path, trust_remote_code)
     base, adapters = chained
+    check_mergeable(adapters)  # merged (previous_adapter=merge) or trained further (stack): neither works
     with_tok = [a for a in adapters if (Path(a) / "tokenizer_config.json").exists()]
     return load_tokenizer(with_tok[-1] if with_tok else base, trust_remote_code)
 
@@ -262,12 +389,22 @@ def load_for_training(
     Returns ``(model, tokenizer, stacked)``; ``stacked`` is True when the previous run's adapter
     is kept trainable (``previous_adapter="stack"``), so the caller must not add another one.
     ``quantize_4bit`` loads NF4 weights with double quantisation (QLoRA; CUDA only).
+    ``sequence_classification`` puts a fresh one-output score head on the decoder (stage rm).
+
+    Raises:
+        ValueError: ``name_or_path`` is a reward model or a chain with a prefix/prompt-tuning
+            adapter (see ``training_tokenizer``); ``previous_adapter="stack"`` for a reward model
+            (it needs an adapter of its own, which trains the score head).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    tokenizer = training_tokenizer(name_or_path, trust_remote_code)  # refuses a reward model first
     chained = previous_run(name_or_path)
     base, adapters = chained if chained else (name_or_path, [])
-    tokenizer = training_tokenizer(name_or_path, trust_remote_code)
+    if adapters and previous_adapter == "stack" and sequence_classification:
+        raise ValueError(f"model.previous_adapter=stack: a reward model needs an adapter of its own, which trains its "
+                         f"score head; {name_or_path}'s adapter is a language-model adapter; use "
+                         "model.previous_adapter=merge")
     device = default_device()
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device), "trust_remote_code": trust_remote_code,
                               "use_safetensors": _has_safetensors(base)}

@@ -10,9 +10,11 @@ Input: an ``.xlsx`` workbook of Gaokao-style reading exams, typically one sheet 
   ``32. B. The underlying ...``, ``答案：B``, ``21-24 BCAD``).
 
 Each usable row becomes one ``Conversation``: the user message is a task instruction (the
-``templates/question_generation/{zh,en}.txt`` data file, with ``{n}`` replaced by the number of
-questions) plus the passage; the assistant message is the questions, renumbered from 1, each with
-options A-D and an ``答案：X`` (zh) or ``answer: X`` (en) line, blocks separated by a blank line.
+``templates/question_generation/{zh,en}.txt`` data file of the chosen language, or a file of your
+own — ``prompt_path``, ``medtune convert exam-xlsx --prompt FILE`` — with ``{n}`` replaced by the
+number of questions) plus the passage (at ``{passage}`` when the instruction has it); the
+assistant message is the questions, renumbered from 1, each with options A-D and an ``答案：X``
+(zh) or ``answer: X`` (en) line, blocks separated by a blank line.
 
 What the parser repairs, and why:
 
@@ -58,13 +60,11 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import openpyxl
 
-from medtune.evaluation.metrics import rouge_l
 from medtune.io import (
     DataFileError,
     convert_file,
@@ -87,6 +87,7 @@ __all__ = [
     "evaluate_question_generation",
     "format_output",
     "load_instruction",
+    "question_prompt",
     "parse_answers",
     "parse_generated",
     "parse_questions",
@@ -620,24 +621,42 @@ def format_output(questions: list[Question], answers: list[str], lang: str) -> s
     return "\n\n".join(blocks)
 
 
-def load_instruction(lang: str, n: int = 4) -> str:
+def load_instruction(lang: str, n: int = 4, path: str | os.PathLike | None = None) -> str:
     """The task instruction for ``lang`` with ``{n}`` replaced by the number of questions.
 
-    The texts are the data files ``medtune/templates/question_generation/{zh,en}.txt``; the
-    number is filled in per row so the instruction never asks for more questions than the
-    target holds (Chinese rows often keep 3 after short-answer questions are dropped).
+    The texts are the data files ``medtune/templates/question_generation/{zh,en}.txt``, or the
+    file at ``path``; the number is filled in per row so the instruction never asks for more
+    questions than the target holds (Chinese rows often keep 3 after short-answer questions are
+    dropped).
 
     Args:
         lang: ``"zh"`` or ``"en"``.
         n: Number of questions asked for.
+        path: An instruction file of your own (UTF-8; may use ``{n}`` and ``{passage}``).
 
     Returns:
-        The instruction, stripped.
+        The instruction, stripped (``{passage}``, if there, left in place for ``question_prompt``).
+
+    Raises:
+        ValueError: Unknown ``lang``; ``medtune.templates.TemplateError`` for an unusable file.
     """
+    from medtune.templates import prompt_text
+
     _check_lang(lang)
-    resource = resources.files("medtune.templates") / "question_generation" / f"{lang}.txt"
     # str.replace, not str.format: an edited instruction may contain other braces.
-    return resource.read_text(encoding="utf-8").strip().replace("{n}", str(n))
+    return prompt_text("question_generation", lang, path).strip().replace("{n}", str(n))
+
+
+def question_prompt(instruction: str, passage: str) -> str:
+    """The user message: ``instruction`` with the passage at ``{passage}``, else after a blank line.
+
+    Args:
+        instruction: What ``load_instruction`` returned.
+        passage: The tidied passage.
+    """
+    if "{passage}" in instruction:
+        return instruction.replace("{passage}", passage)
+    return instruction + "\n\n" + passage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -762,8 +781,10 @@ def _columns(path: Path, sheet: str, header: tuple[Any, ...]) -> dict[str, int]:
 
 
 def _row_record(
-    stem: str, lang: str, sheet: str, row: int, cells: dict[str, str], n_questions: int | None
+    stem: str, lang: str, sheet: str, row: int, cells: dict[str, str], n_questions: int | None,
+    instruction: str,
 ) -> tuple[Conversation, int]:
+    # ``instruction``: the instruction text as read (``{n}`` still in it), read once per sheet
     # A cell reading "nan"/"None"/"NULL" (medtune.io.is_missing) is as empty as a blank one.
     passage = "" if is_missing(cells[_PASSAGE]) else _tidy_passage(cells[_PASSAGE], lang)
     if not passage:
@@ -786,7 +807,7 @@ def _row_record(
     conversation = Conversation(
         id=f"{stem}-{lang}-{row:04d}",
         messages=[
-            {"role": "user", "content": load_instruction(lang, len(questions)) + "\n\n" + passage},
+            {"role": "user", "content": question_prompt(instruction.replace("{n}", str(len(questions))), passage)},
             {"role": "assistant", "content": format_output(questions, answers, lang)},
         ],
         meta={"lang": lang, "n_questions": len(questions), "source_row": row, "source_sheet": sheet},
@@ -800,6 +821,7 @@ def read_exam_xlsx(
     on_invalid: str = "skip",
     sheet: str | None = None,
     n_questions: int | None = None,
+    prompt_path: str | os.PathLike | None = None,
 ) -> ExamXlsxResult:
     """Read one sheet of a reading-exam workbook into question-generation training pairs.
 
@@ -813,6 +835,9 @@ def read_exam_xlsx(
         n_questions: When set, rows with another number of single-choice questions are rejected
             (e.g. 4 to train only on four-question sets); by default any number is kept and the
             instruction states it.
+        prompt_path: An instruction file of your own instead of the shipped one for ``lang``
+            (``{n}``: the number of questions; ``{passage}``: where the passage goes, else after
+            the instruction and a blank line).
 
     Returns:
         The training pairs (``Conversation``, id ``f"{file stem}-{lang}-{row:04d}"``), rejects
@@ -821,11 +846,15 @@ def read_exam_xlsx(
     Raises:
         DataFileError: File-level problems (extension, unreadable workbook, unknown sheet, missing
             column); with ``on_invalid="error"`` also the first unusable row (naming row and column).
-        ValueError: Unknown ``lang`` or ``on_invalid``.
+        ValueError: Unknown ``lang`` or ``on_invalid``; ``medtune.templates.TemplateError`` for an
+            unusable prompt file (before the workbook is opened).
     """
+    from medtune.templates import prompt_text
+
     _check_lang(lang)
     if on_invalid not in _ON_INVALID:
         raise ValueError(f"on_invalid must be one of {_ON_INVALID}, got {on_invalid!r}")
+    instruction = prompt_text("question_generation", lang, prompt_path).strip()
     path = Path(path)
     sheet_name, rows = _read_sheet(path, lang, sheet)
     if not rows:
@@ -839,7 +868,7 @@ def read_exam_xlsx(
         cells = {name: _cell(values[i]) if i < len(values) else "" for name, i in columns.items()}
         result.n_rows += 1
         try:
-            record, n_dropped = _row_record(path.stem, lang, sheet_name, row, cells, n_questions)
+            record, n_dropped = _row_record(path.stem, lang, sheet_name, row, cells, n_questions, instruction)
         except (_RowError, RecordError) as exc:
             if on_invalid == "error":
                 raise DataFileError(path, row, exc.field, f"sheet {sheet_name!r}: {exc.reason}") from None
@@ -864,6 +893,7 @@ def convert_exam_xlsx(
     on_invalid: str = "skip",
     rejects_path: str | os.PathLike | None = None,
     n_questions: int | None = None,
+    prompt_path: str | os.PathLike | None = None,
 ) -> ExamXlsxResult:
     """Convert a reading-exam workbook into a JSON-lines file of ``Conversation`` records.
 
@@ -879,6 +909,7 @@ def convert_exam_xlsx(
         on_invalid: ``"skip"`` (default) or ``"error"``, as in ``read_exam_xlsx``.
         rejects_path: Where rejects go.
         n_questions: Keep only rows with this many questions, as in ``read_exam_xlsx``.
+        prompt_path: An instruction file of your own, as in ``read_exam_xlsx``.
 
     Returns:
         The ``ExamXlsxResult``.
@@ -887,7 +918,8 @@ def convert_exam_xlsx(
         DataFileError: As ``read_exam_xlsx``.
         ValueError: An output path equals the input, or records and rejects share a path.
     """
-    return convert_file(input_path, out_path, rejects_path, lambda path: read_exam_xlsx(path, lang, on_invalid=on_invalid, sheet=sheet, n_questions=n_questions))
+    return convert_file(input_path, out_path, rejects_path, lambda path: read_exam_xlsx(path, lang, on_invalid=on_invalid, sheet=sheet, n_questions=n_questions,
+                                     prompt_path=prompt_path))
 
 
 def summary_lines(
@@ -1063,9 +1095,13 @@ def parse_generated(text: str, lang: str) -> GeneratedParse:
 
 
 def evaluate_question_generation(
-    outputs: list[str], references: list[str], lang: str, n_questions: int | None = None
+    outputs: list[str], references: list[str], lang: str, n_questions: int | None = None,
+    tokenization: str | None = None,
 ) -> dict[str, Any]:
     """Score generated question sets against reference outputs.
+
+    Every output is scored, well-formed or not: a base model that never writes the format gets
+    ``well_formed`` 0, ``answer_valid`` None (a share of nothing) and its ROUGE-L.
 
     Args:
         outputs: Model outputs, one per passage.
@@ -1073,38 +1109,55 @@ def evaluate_question_generation(
         lang: ``"zh"`` or ``"en"``.
         n_questions: Questions an output must have to be well-formed; default: as many as its
             reference has (4 when the reference has none that parse).
+        tokenization: ROUGE unit (``char``, ``word``, ``jieba``; see
+            ``medtune.evaluation.text_tasks``); default characters for ``zh``, words for ``en``
+            (on English, characters make unrelated texts look alike).
 
     Returns:
-        ``{"n", "well_formed", "n_well_formed", "answer_valid", "rouge_l", "per_output"}``:
-        ``well_formed`` is the share (× 100) of outputs with the expected number of questions,
-        each with a stem, exactly the options A-D and one answer letter; ``answer_valid`` the
-        share (× 100) of well-formed outputs whose every answer is one of A-D and names a
-        non-empty option (``None`` when no output is well-formed); ``rouge_l`` the mean
-        character ROUGE-L × 100 (``medtune.evaluation.metrics.rouge_l``) against the references;
+        ``{"n", "well_formed", "n_well_formed", "answer_valid", "rouge_l", "lang", "tokenization",
+        "tokenizer", "per_output"}``: ``well_formed`` is the share (× 100) of outputs with the
+        expected number of questions, each with a stem, exactly the options A-D and one answer
+        letter; ``answer_valid`` the share (× 100) of well-formed outputs whose every answer is
+        one of A-D and names a non-empty option (``None`` when no output is well-formed);
+        ``rouge_l`` the mean ROUGE-L × 100 (``medtune.evaluation.metrics.rouge_l``'s formula)
+        against the references over ``tokenization`` units (``tokenizer`` describes them);
         ``per_output`` one diagnostics dict per output (``GeneratedParse.to_dict`` plus
         ``expected_questions``).
 
     Raises:
-        ValueError: Unknown ``lang``, lengths differ, no outputs, or an empty reference.
+        ValueError: Unknown ``lang`` or ``tokenization``, lengths differ, no outputs, or an
+            empty reference.
     """
+    from medtune.evaluation.text_tasks import TOKENIZATION_LABELS, default_tokenization, text_scores
+
     _check_lang(lang)
     if len(outputs) != len(references):
         raise ValueError(f"{len(outputs)} outputs but {len(references)} references")
     if not outputs:
         raise ValueError("no outputs to evaluate")
+    if any(not str(r or "").strip() for r in references):
+        raise ValueError("empty reference: exclude such rows before scoring")
+    unit = tokenization or default_tokenization(lang)
+    if unit not in TOKENIZATION_LABELS:
+        raise ValueError(f"unknown tokenization {unit!r}; expected one of {list(TOKENIZATION_LABELS)}")
     per_output = []
     for output, reference in zip(outputs, references, strict=True):
         expected = n_questions or len(parse_generated(reference, lang).questions) or 4
-        details = parse_generated(output, lang).to_dict(expected)
+        # None (a failed generation) is an empty output: it is scored, never a crash
+        details = parse_generated(output or "", lang).to_dict(expected)
         details["expected_questions"] = expected
         per_output.append(details)
     n_well = sum(1 for d in per_output if d["well_formed"])
     n_valid = sum(1 for d in per_output if d["answer_valid"])
+    rouge = text_scores([o or "" for o in outputs], list(references), unit)
     return {
         "n": len(outputs),
         "well_formed": 100.0 * n_well / len(outputs),
         "n_well_formed": n_well,
         "answer_valid": 100.0 * n_valid / n_well if n_well else None,
-        "rouge_l": rouge_l(list(outputs), list(references)),
+        "rouge_l": rouge["rouge_l"],
+        "lang": lang,
+        "tokenization": unit,
+        "tokenizer": TOKENIZATION_LABELS[unit],
         "per_output": per_output,
     }

@@ -55,9 +55,11 @@ __all__ = [
     "FORMATS",
     "ROLE_ALIASES",
     "ReadResult",
+    "SummaryResult",
     "alpaca_to_conversation",
     "convert_instructions",
     "convert_row",
+    "convert_summaries",
     "detect_format",
     "messages_to_conversation",
     "preference_to_pair",
@@ -65,6 +67,8 @@ __all__ = [
     "read_instructions",
     "read_preferences",
     "sharegpt_to_conversation",
+    "summary_instruction",
+    "summary_to_conversation",
 ]
 
 #: Shapes that become ``Conversation`` records.
@@ -125,7 +129,9 @@ def detect_format(first_row: Mapping[str, Any]) -> str:
     """Name the shape of a data set from one of its rows.
 
     Preference data is checked first because its ShareGPT-style rows also carry
-    ``conversations``.
+    ``conversations``. The rules live in ``medtune.data.detect`` (``instruction_format``), the one
+    place where data shapes are told apart, so a file is placed the same way here and by every
+    command.
 
     Args:
         first_row: A decoded row (usually the file's first).
@@ -137,25 +143,9 @@ def detect_format(first_row: Mapping[str, Any]) -> str:
         ValueError: The keys match no known shape (the message lists the keys found), or the row
             is an exam question (``options``), which ``medtune.data.cmexam`` reads instead.
     """
-    if not isinstance(first_row, Mapping):
-        raise ValueError(f"expected a JSON object, got {type(first_row).__name__}")
-    keys = set(first_row)
-    if ({"chosen", "rejected"} <= keys) or ({"response_chosen", "response_rejected"} <= keys):
-        return "preference"
-    if "instruction" in keys and "output" in keys:
-        return "alpaca"
-    if "conversations" in keys:
-        return "sharegpt"
-    if "messages" in keys:
-        return "messages"
-    lowered = {str(k).casefold() for k in keys}
-    if "options" in lowered:
-        raise ValueError("this looks like exam data (it has 'options'): read it with medtune.data.cmexam")
-    if "question" in keys and "answer" in keys:
-        return "qa"
-    if "dialogue" in keys and "summary" in keys:
-        return "summary"
-    raise ValueError(f"unknown data shape: keys {sorted(map(str, keys))} match none of {FORMATS}")
+    from medtune.data.detect import instruction_format
+
+    return instruction_format(first_row)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,47 +265,134 @@ def qa_to_conversation(row: Mapping[str, Any], record_id: str) -> Conversation:
     return _conversation(record_id, turns, _meta(row, _USED_KEYS["qa"]))
 
 
-def summary_instruction() -> str:
-    """The dialogue-summarisation instruction (``templates/summary/zh.txt``, with ``{dialogue}``)."""
-    from importlib import resources
+def summary_instruction(lang: str = "zh", path: str | os.PathLike | None = None) -> str:
+    """The dialogue-summarisation prompt, with a ``{dialogue}`` placeholder.
 
-    return (resources.files("medtune") / "templates" / "summary" / "zh.txt").read_text(encoding="utf-8")
+    Args:
+        lang: ``zh`` or ``en``: the shipped ``templates/summary/{lang}.txt``.
+        path: A prompt file of your own instead (UTF-8, must contain ``{dialogue}``).
+
+    Raises:
+        medtune.templates.TemplateError: No shipped prompt for ``lang``, or the file is unusable.
+    """
+    from medtune.templates import prompt_text
+
+    return prompt_text("summary", lang, path)
 
 
-def summary_to_conversation(row: Mapping[str, Any], record_id: str) -> Conversation:
+def _dialogue_text(dialogue: Any, lang: str) -> str:
+    """A ``dialogue`` value as text: turn objects become ``speaker：text`` lines (``speaker: text`` in English)."""
+    if not isinstance(dialogue, list):
+        return dialogue
+    colon = ": " if lang == "en" else "："
+    lines = []
+    for i, turn in enumerate(dialogue):
+        if isinstance(turn, str):
+            lines.append(turn)
+        elif isinstance(turn, Mapping):
+            who = turn.get("speaker") or turn.get("role") or turn.get("from") or ""
+            text = turn.get("text") or turn.get("content") or turn.get("value")
+            if not isinstance(text, str):
+                raise RecordError(f"dialogue[{i}]", "a turn needs text/content/value as a string")
+            lines.append(f"{who}{colon}{text}" if who else text)
+        else:
+            raise RecordError(f"dialogue[{i}]", "a turn must be a string or an object")
+    return "\n".join(lines)
+
+
+def summary_to_conversation(row: Mapping[str, Any], record_id: str, prompt: str | None = None,
+                            lang: str = "zh") -> Conversation:
     """Convert one ``{dialogue, summary}`` row into instruction + dialogue → summary.
 
     ``dialogue`` is a string, or a list of turns: strings, or ``{speaker|role|from, text|content|value}``
-    objects rendered as ``说话人：内容`` lines.
+    objects rendered as ``说话人：内容`` lines (``speaker: text`` with ``lang="en"``).
+
+    Args:
+        row: The decoded row.
+        record_id: Id for the record.
+        prompt: The prompt text with ``{dialogue}`` (``summary_instruction``); default: the shipped
+            prompt of ``lang``.
+        lang: Language of the dialogues (``zh`` or ``en``).
 
     Raises:
         RecordError: ``field`` is ``dialogue`` or ``summary``.
     """
-    dialogue = row.get("dialogue")
-    if isinstance(dialogue, list):
-        lines = []
-        for i, turn in enumerate(dialogue):
-            if isinstance(turn, str):
-                lines.append(turn)
-            elif isinstance(turn, Mapping):
-                who = turn.get("speaker") or turn.get("role") or turn.get("from") or ""
-                text = turn.get("text") or turn.get("content") or turn.get("value")
-                if not isinstance(text, str):
-                    raise RecordError(f"dialogue[{i}]", "a turn needs text/content/value as a string")
-                lines.append(f"{who}：{text}" if who else text)
-            else:
-                raise RecordError(f"dialogue[{i}]", "a turn must be a string or an object")
-        dialogue = "\n".join(lines)
+    dialogue = _dialogue_text(row.get("dialogue"), lang)
     if not isinstance(dialogue, str) or is_missing(dialogue):
         raise RecordError("dialogue", "expected a non-empty string or list of turns" + missing_note(dialogue))
     summary = _string(row, "summary", required=True)
-    prompt = summary_instruction().replace("{dialogue}", dialogue.strip())
+    # str.replace, not str.format: a prompt of the user's own may contain other braces
+    text = (summary_instruction(lang) if prompt is None else prompt).replace("{dialogue}", dialogue.strip())
     turns = [
-        _Turn("user", prompt, "dialogue", "dialogue"),
+        _Turn("user", text, "dialogue", "dialogue"),
         _Turn("assistant", summary, "summary", "summary", _note(row, "summary")),
     ]
     _check_turns(turns, list_field="dialogue", require_reply=True)
     return _conversation(record_id, turns, _meta(row, _USED_KEYS["summary"]))
+
+
+def _looks_like(text: str) -> str:
+    """``zh`` when a text has at least as many CJK characters as Latin letters, else ``en``."""
+    cjk = sum(1 for ch in text if "\u4e00" <= ch <= "\u9fff")
+    latin = sum(1 for ch in text if ch.isascii() and ch.isalpha())
+    return "zh" if cjk >= latin else "en"
+
+
+@dataclass
+class SummaryResult:
+    """What ``convert_summaries`` did.
+
+    Attributes:
+        read: Records, rejects and counts, as for every instruction file.
+        lang: The prompt language asked for.
+        other_language: Ids of records whose dialogue looks like the other language (a Chinese
+            prompt around English dialogues is what an ignored ``--lang en`` used to produce).
+    """
+
+    read: ReadResult
+    lang: str
+    other_language: list[str] = field(default_factory=list)
+
+
+def convert_summaries(
+    input_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    lang: str = "zh",
+    prompt_path: str | os.PathLike | None = None,
+    on_invalid: str = "error",
+    rejects_path: str | os.PathLike | None = None,
+) -> SummaryResult:
+    """Convert a ``{dialogue, summary}`` file into conversation records with the prompt of ``lang``.
+
+    Args:
+        input_path: JSON lines (or a ``.json`` array) of ``{dialogue, summary}`` rows.
+        out_path: Records output (JSON lines).
+        lang: ``zh`` or ``en``: the shipped prompt and the ``speaker：`` / ``speaker: `` turn format.
+        prompt_path: A prompt file of your own (must contain ``{dialogue}``) instead of the shipped one.
+        on_invalid: ``error`` or ``skip``, as in ``read_instructions``.
+        rejects_path: As in ``convert_instructions``.
+
+    Returns:
+        The read result and the ids of dialogues that look like the other language.
+
+    Raises:
+        medtune.templates.TemplateError: No shipped prompt for ``lang``, or an unusable prompt file
+            (before anything is read or written).
+        DataFileError: As ``read_instructions``.
+    """
+    prompt = summary_instruction(lang, prompt_path)
+    other: list[str] = []
+
+    def convert(row: Mapping[str, Any], record_id: str) -> Conversation:
+        conversation = summary_to_conversation(row, record_id, prompt=prompt, lang=lang)
+        dialogue = row.get("dialogue")
+        if _looks_like(dialogue if isinstance(dialogue, str) else _dialogue_text(dialogue, lang)) != lang:
+            other.append(record_id)
+        return conversation
+
+    read = convert_file(input_path, out_path, rejects_path,
+                        lambda path: _read(path, "summary", on_invalid, allowed=("summary",), converter=convert))
+    return SummaryResult(read, lang, other)
 
 
 def preference_to_pair(row: Mapping[str, Any], record_id: str) -> PreferencePair:
@@ -489,7 +566,9 @@ def convert_instructions(
     return convert_file(input_path, out_path, rejects_path, lambda path: _read(path, fmt, on_invalid, allowed=FORMATS))
 
 
-def _read(path: str | os.PathLike, fmt: str, on_invalid: str, allowed: tuple[str, ...]) -> ReadResult:
+def _read(path: str | os.PathLike, fmt: str, on_invalid: str, allowed: tuple[str, ...],
+          converter: Callable[[Mapping[str, Any], str], Any] | None = None) -> ReadResult:
+    # ``converter`` replaces ``convert_row`` for one shape read with settings (e.g. a summary prompt)
     if on_invalid not in _ON_INVALID:
         raise ValueError(f"on_invalid must be one of {_ON_INVALID}, got {on_invalid!r}")
     if fmt != "auto" and fmt not in allowed:
@@ -522,7 +601,7 @@ def _read(path: str | os.PathLike, fmt: str, on_invalid: str, allowed: tuple[str
             if record_id in seen:
                 # Two records with one id would collide in every later join (predictions, splits).
                 raise RecordError("id", f"duplicate id {record_id!r} (first used at row {seen[record_id]})")
-            record = convert_row(raw_row.obj, fmt, record_id)
+            record = converter(raw_row.obj, record_id) if converter else convert_row(raw_row.obj, fmt, record_id)
         except RecordError as exc:
             # A whole-row problem (bad JSON, not an object) has no field to name.
             fld = None if exc.field == "row" else exc.field

@@ -15,8 +15,12 @@ Each line becomes::
 
 Accepted variations, all seen in the wild:
 
-* the task field is ``task_dataset`` (the data files) or ``type`` (the benchmark README); the
-  record's ``meta`` always calls it ``task_dataset``;
+* the dataset field is ``task_dataset`` (the data files) or ``type`` (the benchmark README); the
+  record's ``meta`` always calls it ``task_dataset``. When ``task_dataset`` names the dataset,
+  ``type`` is the task *type* (``cls``, ``ner``, …, what the data files call ``task_type``) and is
+  stored as ``task_type`` (``task_type`` itself wins when both are given);
+* ``answer_choices`` is a list of labels, or one string (see :func:`parse_answer_choices`):
+  the labels joined by ``，`` as the prompts list them, or a JSON array written as text;
 * the relation task is ``CMeIE`` (v1) or ``CMeIE-V2`` (later releases); the name is kept as given;
 * the test split has empty targets. Such a line becomes a conversation with the user message
   only. With ``require_target=True`` (the default) an empty target is an error, *unless every*
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +54,9 @@ __all__ = [
     "PROMPTCBLUE_TASKS",
     "PromptCBLUEResult",
     "convert_promptcblue",
+    "parse_answer_choices",
     "read_promptcblue",
+    "task_name",
 ]
 
 #: Every task name of the v1 (16 tasks, ``CMeIE``) and later (18 tasks, ``CMeIE-V2``) releases.
@@ -75,7 +82,62 @@ PROMPTCBLUE_TASKS = (
     "CMedCausal",
 )
 _ON_INVALID = ("error", "skip")
-_TASK_FIELDS = ("task_dataset", "type")
+# A comma between labels: full-width always; half-width unless between two ASCII digits, where it
+# is part of a term (CHIP-CDN's standard terms include names like "1,25-二羟维生素D3").
+_CHOICE_SEPARATOR = re.compile(r"，|(?<![0-9]),|,(?![0-9])")
+
+
+def parse_answer_choices(value: Any) -> list[str] | None:
+    """The labels of an ``answer_choices`` value, in order, or None when it has none.
+
+    Accepted: null (or a missing-value text such as ``"nan"``); a list of strings; a JSON array of
+    strings written as text (``'["是的", "不是"]'``, as CSV exports store lists); or one string of
+    labels separated by commas, the way the prompts list them (``"是的，不是"``). A comma is
+    full-width ``，``, or half-width ``,`` unless it stands between two ASCII digits (then it is
+    part of a term). Labels of a string are stripped and empty ones dropped; a blank string has no
+    labels (None). List items are kept as they are: the scorer strips them itself.
+
+    Args:
+        value: The field's value.
+
+    Returns:
+        The labels, or None.
+
+    Raises:
+        ValueError: Any other type, or a list with a non-string item.
+    """
+    if value is None or (isinstance(value, str) and is_missing(value)):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                decoded = json.loads(text)
+            except json.JSONDecodeError:
+                decoded = None  # a label that merely starts with "[": read as separated labels
+            if isinstance(decoded, list):
+                value = decoded
+        if isinstance(value, str):
+            labels = [label.strip() for label in _CHOICE_SEPARATOR.split(text)]
+            return [label for label in labels if label] or None
+    if isinstance(value, list) and all(isinstance(c, str) for c in value):
+        return list(value)
+    raise ValueError(f"expected a list of strings, labels in one string separated by '，', or null; "
+                     f"got {json.dumps(value, ensure_ascii=False)[:80]}")
+
+
+def task_name(obj: dict[str, Any]) -> tuple[str | None, Any]:
+    """``(field, value)`` naming a row's dataset: ``task_dataset``, else ``type`` if it names one.
+
+    ``type`` is the dataset field of the benchmark README, but the task type (``cls``…) in files
+    that also have ``task_dataset``; so ``type`` counts only when there is no ``task_dataset``.
+    ``(None, None)`` when neither field is there.
+    """
+    if "task_dataset" in obj:
+        return "task_dataset", obj["task_dataset"]
+    if "type" in obj:
+        return "type", obj["type"]
+    return None, None
 
 
 @dataclass
@@ -237,16 +299,17 @@ def _to_record(obj: Any, allow_empty_target: bool) -> Conversation:
     if not isinstance(obj, dict):
         raise _RowError(None, "expected a JSON object")
 
-    task_field = next((name for name in _TASK_FIELDS if name in obj), None)
+    task_field, task = task_name(obj)
     if task_field is None:
         raise _RowError("task_dataset", "missing (expected 'task_dataset' or 'type')")
-    task = obj[task_field]
     if is_missing(task):
         raise _RowError(task_field, "missing task name" + missing_note(task)
                         + f"; expected one of {list(PROMPTCBLUE_TASKS)}")
     if not isinstance(task, str) or task.strip() not in PROMPTCBLUE_TASKS:
         # Scoring dispatches on the task name, so an unknown name would fail only much later.
-        raise _RowError(task_field, f"unknown task {task!r}; expected one of {list(PROMPTCBLUE_TASKS)}")
+        hint = (" ('type' is the task type when 'task_dataset' names the dataset; this line has no "
+                "'task_dataset')" if task_field == "type" else "")
+        raise _RowError(task_field, f"unknown task {task!r}; expected one of {list(PROMPTCBLUE_TASKS)}{hint}")
 
     sample_id = obj.get("sample_id")
     if is_missing(sample_id) or isinstance(sample_id, (dict, list, bool)) or not str(sample_id).strip():
@@ -269,13 +332,16 @@ def _to_record(obj: Any, allow_empty_target: bool) -> Conversation:
             "(data.on_invalid=skip in train, --on-invalid skip in convert)"
         )
 
-    choices = obj.get("answer_choices")
-    if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
-        raise _RowError("answer_choices", "expected a list of strings or null")
+    try:
+        choices = parse_answer_choices(obj.get("answer_choices"))
+    except ValueError as exc:
+        raise _RowError("answer_choices", str(exc)) from None
 
-    task_type = None if is_missing(obj.get("task_type")) else obj.get("task_type")
+    # "type" is the task type when "task_dataset" named the dataset (see the module docstring).
+    type_field = "task_type" if not is_missing(obj.get("task_type")) or task_field == "type" else "type"
+    task_type = None if is_missing(obj.get(type_field)) else obj.get(type_field)
     if task_type is not None and not isinstance(task_type, str):
-        raise _RowError("task_type", "expected a string or null")
+        raise _RowError(type_field, "expected a string or null")
 
     messages = [{"role": "user", "content": prompt}]
     has_target = bool(target.strip())

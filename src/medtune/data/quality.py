@@ -1,6 +1,7 @@
 """Data-quality commands: ``inspect`` one data file, ``check`` train/val/test for duplicates and leakage.
 
-Both read any file medtune handles, recognised by its keys:
+Both read any data file medtune trains on, placed by ``medtune.data.detect.detect`` like every
+command places it (pre-training text excepted):
 
 * exam records (``{"id", "question", "options", "answer", ...}`` lines, ``medtune convert``'s
   output) and raw CMExam files (CSV / xlsx / JSON lines with ``Question``, ``Options``, read with
@@ -11,8 +12,9 @@ Both read any file medtune handles, recognised by its keys:
 * preference pairs (``PreferencePair.to_dict()`` or raw ``{prompt|conversations, chosen,
   rejected}``).
 
-Invalid rows never stop either command: they are listed as ``malformed`` with their row and reason,
-which is one of the things a data check is for.
+Invalid rows never stop either command: they are listed as ``malformed`` with their row and
+reason, which is one of the things a data check is for. This module computes; the ``inspect``
+report files and charts are written by ``medtune.report.data_report``, so it needs no matplotlib.
 
 Near-duplicate search uses an exact set-similarity join (length filter + prefix filter on
 character 3-grams ordered rarest first), not MinHash: for a Jaccard threshold ``t`` two texts can
@@ -28,7 +30,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import unicodedata
 from collections import Counter, defaultdict
@@ -37,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medtune.io import DataFileError, atomic_write_json, atomic_write_text
+from medtune.data.detect import DataShape, detect, iter_json_rows
+from medtune.io import DataFileError
 from medtune.records import Conversation, ExamRecord, PreferencePair, RecordError
 
 __all__ = [
@@ -56,7 +58,7 @@ __all__ = [
 
 #: Sequence lengths (tokens) that ``inspect`` counts overlong records against.
 DEFAULT_MAX_LENGTHS = (512, 1024, 2048)
-_TABLE_SUFFIXES = (".csv", ".xlsx")
+_KINDS = ("exam", "conversation", "preference")  # what inspect and check read (not pre-training text)
 _SPLITS = ("train", "val", "test")
 _MAX_LISTED = 200  # malformed rows listed in an inspect report; the count is always complete
 _MAX_META_VALUES = 30  # distinct meta values listed per key (task names fit; free text is cut)
@@ -76,13 +78,15 @@ class LoadedData:
     Attributes:
         path: The file read ("" for in-memory records).
         kind: ``"exam"``, ``"conversation"`` or ``"preference"``.
-        source_format: ``"records"`` (exam records), ``"cmexam"`` (raw CMExam), ``"promptcblue"``
-            or one of ``medtune.data.instructions.FORMATS``.
+        source_format: ``"records"`` (exam records), ``"cmexam"`` (raw CMExam: CSV, xlsx or JSON),
+            ``"promptcblue"`` or one of ``medtune.data.instructions.FORMATS``.
         records: Valid records in file order.
         rows: Source row of each record (1-based; JSON lines: the physical line).
         raw_rows: Every row that could be decoded, as a dict of its original fields.
         malformed: ``{"row", "field", "reason"}`` for each invalid row.
         n_rows: Rows in the file (valid + malformed).
+        shape: What ``medtune.data.detect.detect`` placed the file as (``None`` for in-memory
+            records); its ``format`` tells the CMExam shapes apart.
     """
 
     path: str
@@ -93,10 +97,14 @@ class LoadedData:
     raw_rows: list[dict[str, Any]] = field(default_factory=list)
     malformed: list[dict[str, Any]] = field(default_factory=list)
     n_rows: int = 0
+    shape: DataShape | None = None
 
 
 def load_data(path: str | os.PathLike) -> LoadedData:
     """Read any supported data file, collecting invalid rows instead of raising.
+
+    The file is placed by ``medtune.data.detect.detect`` (as every command places it) and read
+    with the public readers of its shape, with invalid rows kept as ``malformed``.
 
     Args:
         path: Exam records, a raw CMExam file, conversation or preference records, or a raw SFT /
@@ -108,37 +116,35 @@ def load_data(path: str | os.PathLike) -> LoadedData:
     Raises:
         DataFileError: File-level problems only: unreadable, empty, unknown shape.
     """
-    from medtune.data.instructions import FORMATS, _iter_rows, _read, detect_format
-
     path = Path(path)
-    if path.suffix.lower() in _TABLE_SUFFIXES:
+    shape = detect(path, kinds=_KINDS)
+    data = _read(path, shape)
+    data.shape = shape
+    return data
+
+
+def _read(path: Path, shape: DataShape) -> LoadedData:
+    if shape.layout == "table":
         raw_rows = _table_rows(path)
-        return _load_cmexam(path, list(range(1, len(raw_rows) + 1)), raw_rows)
+        return _load_cmexam(path, shape, list(range(1, len(raw_rows) + 1)), raw_rows)
 
-    rows = list(_iter_rows(path))
-    objects = [r for r in rows if r.error is None]
-    if not objects:
-        reason = rows[0].error if rows else "no JSON rows"
-        raise DataFileError(path, rows[0].row if rows else None, None, f"nothing to read: {reason}")
-    raw_rows = [r.obj for r in objects]
-    keys = set(objects[0].obj)
-    if {"question", "options", "answer"} <= keys:
+    rows = list(iter_json_rows(path))
+    raw_rows = [r.obj for r in rows if r.error is None]
+    if shape.format == "records":
         return _load_exam_records(path, rows)
-    if {"question", "options"} <= {str(k).casefold() for k in keys}:
-        return _load_cmexam(path, [r.row for r in rows], raw_rows)
-
-    if {"input", "target"} <= keys:
+    if shape.format == "cmexam-jsonl":
+        return _load_cmexam(path, shape, [r.row for r in rows], raw_rows)
+    if shape.format == "promptcblue":
         return _load_promptcblue(path, [r.row for r in rows], raw_rows)
 
-    try:
-        fmt = detect_format(objects[0].obj)
-    except ValueError as exc:
-        raise DataFileError(path, objects[0].row, None, str(exc)) from None
-    result = _read(path, fmt, "skip", allowed=FORMATS)
+    from medtune.data.instructions import read_instructions, read_preferences
+
+    read = read_preferences if shape.kind == "preference" else read_instructions
+    result = read(path, fmt=shape.format, on_invalid="skip")
     return LoadedData(
         path=str(path),
-        kind="preference" if fmt == "preference" else "conversation",
-        source_format=fmt,
+        kind=shape.kind,
+        source_format=shape.format,
         records=result.records,
         rows=result.rows,
         raw_rows=raw_rows,
@@ -160,10 +166,10 @@ def _table_rows(path: Path) -> list[dict[str, Any]]:
     return frame.to_dict(orient="records")
 
 
-def _load_cmexam(path: Path, row_numbers: list[int], raw_rows: list[dict[str, Any]]) -> LoadedData:
+def _load_cmexam(path: Path, shape: DataShape, row_numbers: list[int], raw_rows: list[dict[str, Any]]) -> LoadedData:
     from medtune.data.exam import load_exam_file
 
-    records, rejects = load_exam_file(path, on_invalid="skip")
+    records, rejects = load_exam_file(path, on_invalid="skip", shape=shape)
     # The converter keeps every row as a record or a reject, in order, so the records' rows are
     # the file's rows minus the rejects' (the converter itself does not return them).
     rejected = {r["row"] for r in rejects}
@@ -173,7 +179,7 @@ def _load_cmexam(path: Path, row_numbers: list[int], raw_rows: list[dict[str, An
     return LoadedData(
         path=str(path),
         kind="exam",
-        source_format="cmexam",
+        source_format="cmexam",  # the converter family, one name for its CSV, xlsx and JSON shapes
         records=records,
         rows=rows,
         raw_rows=raw_rows,
@@ -486,17 +492,15 @@ def _preference_stats(records: list[PreferencePair]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# The inspect report: JSON, Markdown, PNG
+# The inspect report (written by medtune.report.data_report)
 # --------------------------------------------------------------------------------------------
 
 
 def write_inspect_report(stats: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
-    """Write ``inspect.json``, ``inspect.md`` and PNG charts for an ``inspect`` result.
+    """Write ``inspect.json``, ``inspect.md`` and the PNG charts: ``medtune.report.data_report``'s.
 
-    PNGs: ``lengths_chars.png`` (a histogram per text), ``lengths_tokens.png`` when token lengths
-    exist (with the ``max_lengths`` budgets marked), ``answer_letters.png`` for exams,
-    ``annotations.png`` for exams with annotations, ``turns.png`` for conversations and
-    preferences. Chinese labels are drawn with ``medtune.report.plots.setup_cjk_font``.
+    Kept here for callers of ``medtune.data.quality.write_inspect_report``; the report and its
+    charts live in ``medtune.report`` (imported on call, so this module never loads matplotlib).
 
     Args:
         stats: The dict returned by ``inspect``.
@@ -505,218 +509,9 @@ def write_inspect_report(stats: dict[str, Any], out_dir: str | os.PathLike) -> l
     Returns:
         The paths written, JSON and Markdown first.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pngs: list[Path] = []
-    for plot in (_plot_lengths_chars, _plot_lengths_tokens, _plot_letters, _plot_annotations, _plot_turns):
-        path = plot(stats, out)
-        if path is not None:
-            pngs.append(path)
-    json_path, md_path = out / "inspect.json", out / "inspect.md"
-    atomic_write_json(json_path, stats)
-    atomic_write_text(md_path, _markdown(stats, [p.name for p in pngs]))
-    return [json_path, md_path, *pngs]
+    from medtune.report.data_report import write_inspect_report as write
 
-
-def _cell(value: Any) -> str:
-    text = "—" if value is None else str(value)
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: list[str], rows: Iterable[Iterable[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return lines + [""]
-
-
-def _count_table(title: str, counts: dict[str, Any], label: str = "value") -> list[str]:
-    total = sum(counts.values()) or 1
-    rows = [(k, v, f"{100 * v / total:.1f}%") for k, v in counts.items()]
-    return [f"### {title}", "", *_table([label, "count", "share"], rows)]
-
-
-def _markdown(stats: dict[str, Any], pngs: list[str]) -> str:
-    lines = [f"# Data inspection: `{Path(stats['path']).name}`", ""]
-    lines += _table(
-        ["path", "kind", "format", "rows", "records", "malformed"],
-        [(stats["path"], stats["kind"], stats["source_format"], stats["n_rows"], stats["n_records"], stats["n_malformed"])],
-    )
-    lines += ["## Fields (missing / empty, over decodable rows)", ""]
-    lines += _table(["field", "missing", "empty"], [(k, v["missing"], v["empty"]) for k, v in stats["fields"].items()])
-    lines += ["## Lengths in characters", ""]
-    stat_cols = ["min", "p50", "p90", "p99", "max", "mean"]
-    lines += _table(["text", *stat_cols], [(k, *(v[c] for c in stat_cols)) for k, v in stats["lengths_chars"].items()])
-    if stats.get("lengths_tokens"):
-        budgets = [str(m) for m in stats["max_lengths"]]
-        lines += [f"## Lengths in tokens (`{stats['tokenizer']}`, no template tokens)", ""]
-        lines += _table(
-            ["text", "p50", "p90", "p99", "max", *(f"> {b}" for b in budgets)],
-            [(k, v["p50"], v["p90"], v["p99"], v["max"], *(v["over"][b] for b in budgets))
-             for k, v in stats["lengths_tokens"].items()],
-        )
-    if "exam" in stats:
-        exam = stats["exam"]
-        lines += ["## Exam answers", ""]
-        lines += _count_table("Answer letters (every letter of every answer)", exam["answer_letters"], "letter")
-        lines += _count_table("Answer letters of single-answer questions", exam["answer_letters_single"], "letter")
-        lines += _count_table("Single / multiple answer", exam["answer_type"], "type")
-        lines += _count_table("Letters per answer", exam["answer_length"], "letters")
-        lines += _count_table("Options per question", exam["n_options"], "options")
-        lines += [f"Records without an explanation: {exam['missing_explanation']}", ""]
-        for name, counts in exam["annotations"].items():
-            lines += _count_table(f"Annotation: {name}", counts)
-    for kind in ("conversation", "preference"):
-        if kind in stats:
-            section = stats[kind]
-            lines += [f"## {kind.capitalize()}s", ""]
-            lines += _count_table("User turns per record", section["turns"], "turns")
-            extra = [("multi-turn", section["n_multi_turn"]), ("with a system message", section["n_with_system"])]
-            if kind == "preference":
-                extra += [("chosen longer than rejected", section["n_chosen_longer"]),
-                          ("rejected longer than chosen", section["n_rejected_longer"]),
-                          ("same length", section["n_same_length"])]
-            lines += _table(["records", "count"], extra)
-            for key, info in section["meta_values"].items():
-                if info["n_distinct"] > _MAX_META_VALUES:
-                    # Ids and free text: a table of the first 30 values with count 1 says nothing.
-                    lines += [f"meta `{key}`: {info['n_distinct']} distinct values (not listed)", ""]
-                else:
-                    lines += _count_table(f"meta `{key}` ({info['n_distinct']} distinct)", info["counts"])
-    if stats["malformed"]:
-        lines += [f"## Malformed rows ({stats['n_malformed']})", ""]
-        lines += _table(["row", "field", "reason"], [(m["row"], m["field"], m["reason"]) for m in stats["malformed"]])
-    if pngs:
-        lines += ["## Charts", ""] + [f"![{name}]({name})" for name in pngs] + [""]
-    return "\n".join(lines)
-
-
-def _figure(width: float, height: float) -> Any:
-    # An explicit Agg canvas, not pyplot: no global backend switch and no figure registry leak.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from medtune.report.plots import setup_cjk_font
-
-    setup_cjk_font()
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_png(fig: Any, path: Path) -> Path:
-    # Temp file + rename, so a reader (the HTML report, a browser) never sees half an image.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", metadata={"Software": None})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _histogram_panels(hists: dict[str, Any], title: str, unit: str, out: Path, marks: list[int] = ()) -> Path | None:
-    hists = {k: v for k, v in hists.items() if v.get("counts")}
-    if not hists:
-        return None
-    fig = _figure(4.2 * min(len(hists), 4), 3.2 * math.ceil(len(hists) / 4) + 0.4)
-    axes = fig.subplots(math.ceil(len(hists) / 4), min(len(hists), 4), squeeze=False).ravel()
-    for ax, (name, hist) in zip(axes, hists.items(), strict=False):
-        edges = hist["edges"]
-        widths = [b - a for a, b in zip(edges, edges[1:], strict=False)]
-        ax.bar(edges[:-1], hist["counts"], width=widths, align="edge", color="#0072B2", edgecolor="white", lw=0.3)
-        for m in marks:
-            if edges[0] <= m <= edges[-1] * 1.05:
-                ax.axvline(m, color="#D55E00", ls="--", lw=1)
-                ax.text(m, ax.get_ylim()[1] * 0.95, f" {m}", color="#D55E00", fontsize=7, va="top")
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel(unit)
-        ax.set_ylabel("records")
-        ax.grid(axis="y", alpha=0.3)
-    for ax in axes[len(hists):]:
-        ax.set_visible(False)
-    fig.suptitle(title, fontsize=12)
-    return _save_png(fig, out)
-
-
-def _plot_lengths_chars(stats: dict[str, Any], out: Path) -> Path | None:
-    return _histogram_panels(
-        stats["histograms"]["chars"], f"Text lengths (characters): {Path(stats['path']).name}",
-        "characters", out / "lengths_chars.png",
-    )
-
-
-def _plot_lengths_tokens(stats: dict[str, Any], out: Path) -> Path | None:
-    return _histogram_panels(
-        stats["histograms"].get("tokens") or {}, f"Text lengths (tokens, {stats['tokenizer']})",
-        "tokens", out / "lengths_tokens.png", marks=stats["max_lengths"],
-    )
-
-
-def _bars(ax: Any, counts: dict[str, int], horizontal: bool = False) -> None:
-    labels, values = list(counts), list(counts.values())
-    if horizontal:
-        bars = ax.barh(range(len(labels)), values, color="#0072B2")
-        ax.set_yticks(range(len(labels)), labels)
-        ax.set_ylim(len(labels) - 0.5, -0.5)  # first (most frequent) on top, as in the table
-    else:
-        bars = ax.bar(range(len(labels)), values, color="#0072B2")
-        ax.set_xticks(range(len(labels)), labels)
-    ax.bar_label(bars, fontsize=7, padding=1)
-
-
-def _plot_letters(stats: dict[str, Any], out: Path) -> Path | None:
-    exam = stats.get("exam")
-    if not exam or not exam["answer_letters"]:
-        return None
-    fig = _figure(9.0, 3.4)
-    panels = [
-        ("Every answer letter", exam["answer_letters"]),
-        ("Single-answer questions", exam["answer_letters_single"]),
-        ("Letters per answer", exam["answer_length"]),
-    ]
-    for ax, (title, counts) in zip(fig.subplots(1, 3), panels, strict=True):
-        _bars(ax, counts)
-        ax.set_title(title, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"Answer letters: {Path(stats['path']).name}", fontsize=12)
-    return _save_png(fig, out / "answer_letters.png")
-
-
-def _plot_annotations(stats: dict[str, Any], out: Path) -> Path | None:
-    annotations = (stats.get("exam") or {}).get("annotations") or {}
-    if not annotations:
-        return None
-    shown = {name: dict(list(counts.items())[:20]) for name, counts in annotations.items()}
-    heights = [max(len(c) * 0.25 + 0.8, 1.5) for c in shown.values()]
-    fig = _figure(9.0, sum(heights) + 0.5)
-    axes = fig.subplots(len(shown), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
-    for ax, (name, counts) in zip(axes, shown.items(), strict=True):
-        _bars(ax, counts, horizontal=True)
-        ax.set_title(name, loc="left", fontsize=10, fontweight="bold")
-    fig.suptitle("Annotations (top 20 values each)", fontsize=12)
-    return _save_png(fig, out / "annotations.png")
-
-
-def _plot_turns(stats: dict[str, Any], out: Path) -> Path | None:
-    section = stats.get("conversation") or stats.get("preference")
-    if not section or not section["turns"]:
-        return None
-    meta = {k: v for k, v in section["meta_values"].items() if 1 < v["n_distinct"] <= _MAX_META_VALUES}
-    fig = _figure(9.0 if meta else 5.0, 3.6)
-    axes = fig.subplots(1, 2 if meta else 1, squeeze=False)[0]
-    _bars(axes[0], section["turns"])
-    axes[0].set_xlabel("user turns")
-    axes[0].set_ylabel("records")
-    axes[0].set_title("Turns per record", fontsize=10)
-    if meta:
-        key, info = next(iter(meta.items()))
-        _bars(axes[1], info["counts"], horizontal=True)
-        axes[1].set_title(f"meta: {key}", fontsize=10)
-    fig.suptitle(Path(stats["path"]).name, fontsize=12)
-    return _save_png(fig, out / "turns.png")
+    return write(stats, out_dir)
 
 
 # --------------------------------------------------------------------------------------------

@@ -77,7 +77,11 @@ Differences from the official code
     either against.
 13. Both ``CMeIE`` (v1) and ``CMeIE-V2`` are accepted (HEAD rejects ``CMeIE``); the overall score is
     the mean over the tasks present, not over a hard-coded list of 18. Predictions are paired with
-    the structured gold by ``sample_id``, not by position.
+    the structured gold by ``sample_id``, not by position, and ids that do not pair up are counted
+    and named (HEAD fails on the first mismatch): a gold id without a prediction scores as an
+    empty output, a prediction id the gold lacks is not scored.
+14. ``answer_choices`` may also be one string (labels joined by ``，``, or a JSON array as text;
+    ``medtune.data.promptcblue.parse_answer_choices``); the official code expects a list (or null).
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ from typing import Any
 
 from sklearn.metrics import f1_score
 
-from medtune.data.promptcblue import PROMPTCBLUE_TASKS
+from medtune.data.promptcblue import PROMPTCBLUE_TASKS, parse_answer_choices
 
 __all__ = [
     "DIFFERENCES_FROM_OFFICIAL",
@@ -176,7 +180,9 @@ DIFFERENCES_FROM_OFFICIAL: tuple[str, ...] = (
     "IMCS-V2-MRG section value is the text after the leading section name",
     "ROUGE-L is exact LCS F1 without rouge_chinese's 1e-8 term (identical texts score 100)",
     "Text2DT scored by node micro-F1, not the official tree edit-distance ratio",
-    "CMeIE and CMeIE-V2 both accepted; overall = mean over tasks present; gold paired by sample_id",
+    "CMeIE and CMeIE-V2 both accepted; overall = mean over tasks present; gold paired by sample_id, "
+    "unpaired ids counted and named",
+    "answer_choices accepted as one string (labels joined by '，', or a JSON array as text)",
 )
 
 
@@ -741,7 +747,11 @@ def _row_id(row: dict[str, Any], index: int) -> str:
 
 def _row_task(row: dict[str, Any], index: int, required: bool = True) -> str | None:
     meta = row.get("meta") or {}
-    task = meta.get("task_dataset") or meta.get("type") or row.get("task_dataset") or row.get("type")
+    # task_dataset names the dataset; "type" does only where there is no task_dataset (next to
+    # one it is the task type, e.g. "cls"), so it is read last and only when it is a dataset name.
+    task = meta.get("task_dataset") or row.get("task_dataset")
+    if not task:
+        task = next((t for t in (meta.get("type"), row.get("type")) if t in TASK_FAMILIES), None)
     if task is None:
         if required:
             raise ValueError(f"row {index + 1}: field 'meta.task_dataset': missing")
@@ -751,15 +761,24 @@ def _row_task(row: dict[str, Any], index: int, required: bool = True) -> str | N
     return task
 
 
-def _row_choices(row: dict[str, Any]) -> list[str] | None:
+def _row_choices(row: dict[str, Any], index: int = 0) -> list[str] | None:
     meta = row.get("meta") or {}
-    return meta.get("answer_choices", row.get("answer_choices"))
+    try:
+        return parse_answer_choices(meta.get("answer_choices", row.get("answer_choices")))
+    except ValueError as exc:
+        raise ValueError(f"row {index + 1}: field 'answer_choices': {exc}") from None
 
 
-def _row_output(row: dict[str, Any], index: int) -> str:
-    if "output" not in row:
-        raise ValueError(f"row {index + 1}: field 'output': missing")
-    return "" if row["output"] is None else str(row["output"])  # None: generation failed → no answer
+def _row_output(row: dict[str, Any], index: int, target_is_output: bool = False) -> str:
+    """The model's text: ``output``; with ``target_is_output``, else ``target`` (official submissions)."""
+    key = "output" if "output" in row or not target_is_output else "target"
+    if key not in row:
+        raise ValueError(f"row {index + 1}: field 'output': missing" + (
+            " (an official submission row has the model's text in 'target')" if target_is_output else ""))
+    value = row[key]
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"row {index + 1}: field '{key}': expected the model's text, got {value!r}")
+    return "" if value is None else value  # None: generation failed → no answer
 
 
 def _row_reference(row: dict[str, Any], index: int) -> str:
@@ -807,7 +826,7 @@ def score(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
             raise ValueError(f"row {index + 1}: field 'id': duplicate id {row_id!r}")
         seen.add(row_id)
         task = _row_task(row, index)
-        choices = _row_choices(row)
+        choices = _row_choices(row, index)
         gold = postprocess(task, _row_reference(row, index), choices)
         pred = parse_output(task, _row_output(row, index), choices)
         golds, preds, malformed = by_task.get(task, ([], [], 0))
@@ -821,21 +840,30 @@ def score_against_structured(rows: Iterable[dict[str, Any]], structured: dict[st
                              ) -> dict[str, Any]:
     """Score predictions against the official structured gold (``dev_structured.json``).
 
-    Rows have the shape ``score`` accepts (``reference`` is not needed). Each row is paired with
-    the gold entry of the same ``sample_id``; the gold entry's task decides the family. A gold
-    entry with no prediction row is scored as an empty output and counted in
-    ``n_missing_predictions``, so a partial prediction file cannot score higher than a full one.
+    Rows may have the shape ``score`` accepts (``reference`` is not needed) or the official
+    submission shape: ``sample_id``, the model's text in ``target``, ``task_dataset`` and
+    ``answer_choices`` (a list or a string, see ``parse_answer_choices``). A row with an
+    ``output`` is scored on it; a row without one on its ``target``.
+
+    Each row is paired with the gold entry of the same ``sample_id``; the gold entry's task
+    decides the family. What does not pair up is reported, not guessed at: a gold entry with no
+    prediction is scored as an empty output (so a partial file cannot score higher than a full
+    one) and named in ``missing_predictions``; a prediction whose id the gold lacks is not scored
+    and is named in ``not_in_gold``.
 
     Args:
         rows: Prediction rows.
         structured: ``{task: [{"sample_id", "answer"}, ...]}`` as in the official gold file.
 
     Returns:
-        As ``score``, plus ``n_missing_predictions``.
+        As ``score``, plus ``n_missing_predictions``, ``missing_predictions`` (gold ids without a
+        prediction, in gold order), ``n_not_in_gold`` and ``not_in_gold`` (prediction ids the gold
+        lacks, in row order).
 
     Raises:
-        ValueError: A row id not in the gold, a duplicate id, a row whose task disagrees with the
-            gold's family, an unknown task in the gold, or no rows at all.
+        ValueError: No rows, or no row whose id is in the gold (both counted, with examples);
+            a duplicate id; a row whose task disagrees with the gold's family; an unknown task
+            in the gold; a malformed row (naming it).
     """
     gold_by_id: dict[str, tuple[str, Any]] = {}
     for task, entries in structured.items():
@@ -844,31 +872,47 @@ def score_against_structured(rows: Iterable[dict[str, Any]], structured: dict[st
             gold_by_id[str(entry["sample_id"])] = (task, entry["answer"])
 
     predicted: dict[str, Parsed] = {}
+    seen: set[str] = set()
+    not_in_gold: list[str] = []
     for index, row in enumerate(rows):
         row_id = _row_id(row, index)
-        if row_id not in gold_by_id:
-            raise ValueError(f"row {index + 1}: field 'id': {row_id!r} is not in the structured gold")
-        if row_id in predicted:
+        if row_id in seen:
             raise ValueError(f"row {index + 1}: field 'id': duplicate id {row_id!r}")
+        seen.add(row_id)
+        if row_id not in gold_by_id:
+            not_in_gold.append(row_id)
+            continue
         gold_task = gold_by_id[row_id][0]
         task = _row_task(row, index, required=False) or gold_task
         if TASK_FAMILIES[task] != TASK_FAMILIES[gold_task]:
             raise ValueError(f"row {index + 1}: task {task!r} but the gold has {row_id!r} under {gold_task!r}")
-        predicted[row_id] = parse_output(gold_task, _row_output(row, index), _row_choices(row))
+        predicted[row_id] = parse_output(gold_task, _row_output(row, index, target_is_output=True),
+                                         _row_choices(row, index))
+    missing = [row_id for row_id in gold_by_id if row_id not in predicted]
+    if not seen:
+        raise ValueError(f"no prediction rows to score (the structured gold has {len(gold_by_id)} ids)")
     if not predicted:
-        raise ValueError("no rows to score")
+        raise ValueError(
+            f"no prediction row matches the structured gold: {_count_named(not_in_gold, 'prediction id')} "
+            f"not in the structured gold, {_count_named(missing, 'gold id')} without a prediction "
+            "(are the predictions and the gold of the same split?)")
 
     by_task: dict[str, tuple[list[Any], list[Any], int]] = {}
-    missing = 0
     for row_id, (task, gold) in gold_by_id.items():
-        pred = predicted.get(row_id)
-        if pred is None:
-            missing += 1
-            pred = parse_output(task, "", None)
+        pred = predicted.get(row_id) or parse_output(task, "", None)
         golds, preds, malformed = by_task.get(task, ([], [], 0))
         golds.append(gold)
         preds.append(pred.answer)
         by_task[task] = (golds, preds, malformed + pred.malformed_lines)
     result = _summary(by_task)
-    result["n_missing_predictions"] = missing
+    result.update(n_missing_predictions=len(missing), missing_predictions=missing,
+                  n_not_in_gold=len(not_in_gold), not_in_gold=not_in_gold)
     return result
+
+
+def _count_named(ids: list[str], what: str, shown: int = 3) -> str:
+    """``"2 gold ids ('a', 'b')"``: a count with the first few ids, for messages."""
+    if not ids:
+        return f"0 {what}s"
+    names = ", ".join(repr(i) for i in ids[:shown]) + (", …" if len(ids) > shown else "")
+    return f"{len(ids)} {what}{'s' if len(ids) != 1 else ''} ({names})"

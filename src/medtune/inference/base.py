@@ -9,12 +9,65 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """Decoding settings; greedy by default so evaluation is reproducible."""
+    """Decoding settings; greedy by default so evaluation is reproducible.
+
+    Every field is recorded in a predictions file's producer description (``dataclasses.asdict``,
+    see :mod:`medtune.inference.provenance`), so a file never mixes outputs of two settings.
+    Backends apply all of them explicitly rather than inheriting a model's
+    ``generation_config.json`` (which may carry its own ``top_k`` or ``repetition_penalty``), so
+    the recorded settings are the whole story and the transformers and vLLM backends agree.
+
+    Attributes:
+        max_new_tokens: Most tokens generated per prompt.
+        temperature: 0 decodes greedily; above 0 samples from ``softmax(logits / temperature)``.
+        top_p: Nucleus sampling: keep the most probable tokens whose probabilities first reach
+            ``top_p`` in total (1.0 keeps all). Sampling only.
+        top_k: Keep only the ``top_k`` most probable tokens (0 keeps all). Sampling only.
+        repetition_penalty: CTRL-style penalty on every token already in the prompt or the
+            output (logit divided by it when positive, multiplied when negative); 1.0 is off.
+            Applies to greedy decoding too.
+        seed: Makes sampling reproducible: each prompt draws from its own random stream, seeded
+            from ``seed`` and the prompt, so an output depends on neither the batch it ran in nor
+            the order of the run (a resumed run samples what an uninterrupted one would have).
+            None: a fresh stream per call (from the global torch RNG on the transformers backend).
+        stop: Generation ends before the first of these strings.
+
+    Raises:
+        ValueError: A value outside its range (named in the message).
+    """
 
     max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 → greedy
+    temperature: float = 0.0
     top_p: float = 1.0
-    stop: tuple[str, ...] = ()  # generation ends before the first of these strings
+    stop: tuple[str, ...] = ()
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # Checked here once, so the CLI, the server and library callers all fail the same way and
+        # before a model is loaded, never half-way through a run.
+        problems = []
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:  # also rejects NaN
+            problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not self.repetition_penalty > 0:
+            problems.append(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            problems.append(f"seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def sampling(self) -> bool:
+        """True when tokens are sampled (temperature above 0), False for greedy decoding."""
+        return self.temperature > 0
 
 
 class Backend(Protocol):

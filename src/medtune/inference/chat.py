@@ -15,15 +15,20 @@ from medtune.templates import ExamTemplate
 _OPTION_LINE = re.compile(r"^\s*([A-Ja-jＡ-Ｊ])\s*[.．、:：)）]?\s*(.+?)\s*$")
 
 
+def check_messages(messages: list[dict[str, str]]) -> None:
+    """Refuse messages that are not ``{"role": system|user|assistant, "content": str}``."""
+    for m in messages:
+        if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+            raise ValueError(f"bad message {m!r}: need role system/user/assistant and string content")
+
+
 def chat_prompt(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, bool]:
     """``(prompt, add_special_tokens)`` for a list of ``{"role", "content"}`` messages.
 
     Uses the model's chat template when it has one; otherwise a plain 用户/助手 transcript (base
     models without a chat template still continue it sensibly).
     """
-    for m in messages:
-        if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-            raise ValueError(f"bad message {m!r}: need role system/user/assistant and string content")
+    check_messages(messages)
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
     lines = []
@@ -31,6 +36,62 @@ def chat_prompt(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, bo
         prefix = {"system": "", "user": "用户：", "assistant": "助手："}[m["role"]]
         lines.append(prefix + m["content"])
     return "\n".join(lines) + "\n助手：", True
+
+
+def reply_prompt(messages: list[dict[str, str]], template: Any, tokenizer: Any) -> tuple[str, bool]:
+    """``(prompt, add_special_tokens)`` for the next assistant reply, rendered as the run was trained.
+
+    * a conversation run (``template.kind == "conversation"``): the run's conversation template
+      (its saved ``template.yaml``: plain, the model's chat template, or its own markup), exactly as
+      SFT/DPO/RL rendered the prompts (``medtune.data.conversations.conversation_prompt``);
+    * a pt run (``kind == "text"``): the last user message as plain text to continue — raw-text
+      training has no notion of turns, so earlier messages and system prompts are not sent;
+    * an exam run, or no template (``--model``): free chat through :func:`chat_prompt` (the
+      model's chat template, else a 用户/助手 transcript).
+
+    Raises:
+        ValueError: A malformed message, or no user message for a pt run to continue.
+    """
+    kind = getattr(template, "kind", "exam")
+    if kind == "conversation":
+        from medtune.data.conversations import conversation_prompt
+
+        check_messages(messages)
+        return conversation_prompt(messages, template, tokenizer)
+    if kind == "text":
+        check_messages(messages)
+        users = [m for m in messages if m["role"] == "user"]
+        if not users:
+            raise ValueError("a raw-text (pt) model continues text: send the text as a user message")
+        return users[-1]["content"], True
+    return chat_prompt(messages, tokenizer)
+
+
+# Without a chat template, free chat is a 用户/助手 transcript, and a base model happily writes the
+# user's next turn too; the reply ends where that turn would start.
+PLAIN_CHAT_STOP = "\n用户："
+
+
+def reply_stops(template: Any, add_special_tokens: bool) -> tuple[str, ...]:
+    r"""Where a chat reply ends besides EOS, for a prompt from :func:`reply_prompt`.
+
+    A conversation template whose replies end with a marker (``reply_end``, e.g. ``"\n### 结束"``)
+    was trained to write it before EOS: the reply is the text before it. Free chat as a plain
+    transcript (no chat template) stops where the user's next turn would start. Raw-text
+    continuation has no turns to stop at.
+    """
+    kind = getattr(template, "kind", "exam")
+    if kind == "conversation":
+        end = getattr(template, "reply_end", "")
+        return (end,) if end.strip() else ()
+    if kind == "text":
+        return ()
+    return (PLAIN_CHAT_STOP,) if add_special_tokens else ()
+
+
+def keeps_history(template: Any) -> bool:
+    """Whether earlier turns are part of the next prompt (not for raw-text continuation)."""
+    return getattr(template, "kind", "exam") != "text"
 
 
 def parse_exam_text(text: str) -> tuple[str, dict[str, str]]:

@@ -52,19 +52,39 @@ class HFBackend:
         return contextlib.nullcontext()
 
     def _generate_kwargs(self, params: GenerationParams) -> dict[str, Any]:
-        sample = params.temperature > 0
+        """``model.generate`` keyword arguments that apply exactly ``params``, nothing else.
+
+        Decoding is always transformers' greedy search. When sampling, a :class:`SeededSampler`
+        (the last logits processor) draws each row's token from that row's own seeded stream and
+        leaves only it allowed, so greedy search emits it: a seeded output then does not depend
+        on its batch or on the order of the run, which transformers' own sampling (one global RNG
+        for the whole batch) cannot give. Every knob a model's ``generation_config.json`` may carry
+        (temperature, top-p, top-k, min-p, typical-p, repetition penalty) is overridden, so what
+        the predictions file records is what ran, on this backend as on vLLM.
+        """
+        from transformers import LogitsProcessorList
+
+        from medtune.inference.sampling import SeededSampler
+
         kwargs: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens,
-            "do_sample": sample,
+            "do_sample": False,
             "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": self.tokenizer.eos_token_id,
+            # None clears a value the model's generation_config may set, and avoids transformers'
+            # "flag ignored in greedy mode" warnings; the sampler below applies ours.
+            "temperature": None,
+            "top_p": None,
+            "top_k": None,
+            "min_p": None,
+            "typical_p": None,
+            # applies to greedy decoding as well; 1.0 overrides a model default such as Qwen's 1.05
+            "repetition_penalty": params.repetition_penalty,
         }
-        if sample:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p)
-        else:
-            # Clear sampling knobs a model's generation_config may carry, so greedy stays greedy
-            # without "flag ignored" warnings.
-            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if params.sampling:
+            kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(
+                params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed,
+                pad_token_id=self.tokenizer.pad_token_id)])
         if params.stop:
             # transformers stops generating once a stop string is produced; the text is cut below.
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)

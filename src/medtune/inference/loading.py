@@ -1,17 +1,56 @@
-"""Resolve what to run (a run directory or a model + adapter) into a backend and a template.
+"""The one resolver: what a command runs (a run directory, or a model + adapter) and may do with it.
 
-Predict, evaluate, chat, the server and the web demo all go through ``load_backend``, so they
-load models the same way and use the run's saved template. ``resolve_source`` is its cheap first
-half (paths, template, provenance, refusals; no weights read), so a command can refuse early.
+Predict, evaluate, chat, the server, the web demo and export all go through ``resolve_source``
+(and ``load_backend`` for the weights), so they load models the same way, use the run's saved
+template, and refuse the same things with the same words. ``resolve_source`` is the cheap first
+half (paths, template, run kind, provenance, refusals; no weights read), so a command can refuse
+before loading anything.
+
+What each kind of run can do (``Resolved.run_kind``):
+
+===================  ==========================  =======================================================
+run kind             template.yaml               commands
+===================  ==========================  =======================================================
+sft-exam, rl-exam    exam template               everything; chat/serve/webui also chat freely
+sft-conversation,    conversation format         predict on conversations; chat, serve, webui render
+dpo, rl-conversation                             turns in the run's format; exam-only commands refused
+pt                   none (raw text)             chat/serve continue text as it is; exam or
+                                                 conversation commands refused (no prompt template:
+                                                 ``--model RUN --template NAME`` tries one zero-shot)
+rm                   conversation format         no generation, no log-likelihood: a reward model
+                                                 scores text; use it as ``rl.reward_model``, or export
+===================  ==========================  =======================================================
+
+Every kind exports, and every kind but rm can be the ``model.name_or_path`` of a next stage
+(``medtune.models.load_for_training`` refuses an rm there, and prefix/prompt adapters that would
+have to be merged).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medtune.templates import ConversationTemplate, ExamTemplate, conversation_template, get_template
+
+#: What a command asks of a run: generate text, score exam options by log-likelihood, or export
+#: its weights (every kind of run exports).
+USES = ("generate", "loglik", "export")
+
+
+@dataclass(frozen=True)
+class RawText:
+    """The "template" of a pt run: none. Prompts are plain text, continued as they are."""
+
+    name: str = "raw-text"
+    version: int = 1
+    kind: str = "text"
+    description: str = "continued pretraining on raw text: no prompt template; prompts are continued as they are"
+
+
+Template = ExamTemplate | ConversationTemplate | RawText
 
 
 @dataclass
@@ -21,24 +60,79 @@ class Resolved:
     model_path: str
     adapter_path: str | None
     merge_first: list[str]  # earlier stages' adapters, merged in order before ``adapter_path``
-    template: ExamTemplate | ConversationTemplate
+    template: Template
     name: str
     dtype: str
     trust_remote_code: bool
     backend: str
     source: dict[str, Any] = field(default_factory=dict)  # provenance.model_source
+    run_kind: str = "model"  # see the module docstring; "model" for --model (+ --adapter)
+
+    @property
+    def data_kind(self) -> str:
+        """What prompts look like: ``exam``, ``conversation`` or ``text`` (raw continuation)."""
+        return self.template.kind
 
 
 @dataclass
 class Loaded:
-    """A ready backend, the template to build exam prompts with, and a display name."""
+    """A ready backend, the template to build prompts with, and a display name."""
 
     backend: Any
-    template: ExamTemplate | ConversationTemplate
+    template: Template
     name: str
     model_path: str
     adapter_path: str | None
     source: dict[str, Any] = field(default_factory=dict)  # provenance.model_source: what was loaded
+    run_kind: str = "model"
+
+
+def reward_model_refusal(where: str, reason: str, use: str = "generate") -> str:
+    """The one-line refusal for a reward model asked to generate (or to score exam options)."""
+    extra = (", and it has no language-model head to score answer options with" if use == "loglik" else "")
+    return (f"{where} {reason}: a reward model scores text, it does not generate{extra}; use it as rl.reward_model "
+            f"of an rl stage (rl.reward=model), or export it (medtune export {where} --out DIR) to load it with "
+            "AutoModelForSequenceClassification")
+
+
+def pt_refusal(where: str, kind: str, use: str = "generate") -> str:
+    """The one-line refusal for a pt run asked for something that needs a prompt template."""
+    task = ("score exam answers by log-likelihood" if use == "loglik"
+            else {"exam": "answer exam questions", "conversation": "reply to conversations"}.get(kind, kind))
+    example = "plain" if kind == "conversation" and use != "loglik" else "qa"
+    return (f"{where} is a continued-pretraining run (stage pt): it was trained on raw text and has no prompt "
+            f"template, so it has no trained way to {task}; train an sft stage on it (model.name_or_path={where}), "
+            f"try it zero-shot with a template you choose (--model {where} --template {example}), or continue "
+            "text with medtune chat/serve")
+
+
+def kind_refusal(where: str, data_kind: str, kind: str) -> str:
+    """The one-line refusal for a run trained on one kind of data asked about another."""
+    return f"{where} was trained on {data_kind} data, but this data is {kind} data"
+
+
+def _check_use(where: str, run_kind: str, data_kind: str, kind: str | None, use: str) -> None:
+    """Refuse what a run of ``run_kind`` cannot do for a command of ``use`` on ``kind`` data."""
+    if use == "export":
+        return
+    if run_kind == "rm":
+        raise ValueError(reward_model_refusal(where, "is a reward model (stage rm)", use))
+    if use == "loglik":
+        kind = "exam"  # log-likelihood scoring ranks exam options
+    if kind is None:
+        return  # chat, serve, webui: the run decides how prompts are rendered
+    if data_kind == "text":
+        raise ValueError(pt_refusal(where, kind, use))
+    if data_kind != kind:
+        raise ValueError(kind_refusal(where, data_kind, kind))
+
+
+def _adapter_task(adapter: str) -> str | None:
+    """The peft ``task_type`` of an adapter folder (None when it has no readable config)."""
+    try:
+        return json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8")).get("task_type")
+    except (OSError, ValueError):
+        return None
 
 
 def resolve_source(
@@ -49,55 +143,88 @@ def resolve_source(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     backend: str = "hf",
-    kind: str = "exam",
+    kind: str | None = "exam",
+    use: str = "generate",
 ) -> Resolved:
-    """Model, adapters, template and provenance of ``run`` or ``model`` (+ ``adapter``); reads no weights.
+    """Model, adapters, template, run kind and provenance of ``run`` or ``model`` (+ ``adapter``); reads no weights.
 
-    With ``model``, ``template`` names an exam template (``kind="exam"``, default qa) or a
-    conversation format (``kind="conversation"``, default plain).
-
-    ``trust_remote_code`` comes from the caller (the command line) only: a run trained with
-    ``model.trust_remote_code: true`` is refused without it, never trusted because its
-    ``config.yaml`` says so. ``dtype="auto"`` uses the run's dtype.
+    Args:
+        run: A training run directory (model, adapter chain and template come from it).
+        model: A base model folder or hub id, or a run directory whose weights are wanted with a
+            template of the caller's choosing (e.g. a pt run tried zero-shot).
+        adapter: A peft adapter folder to put on ``model``.
+        template: With ``model``: an exam template (default qa) or, for ``kind="conversation"``,
+            a conversation format (default plain). Not allowed with ``run``.
+        dtype: ``auto`` uses the run's dtype.
+        trust_remote_code: From the caller (the command line) only: a run trained with
+            ``model.trust_remote_code: true`` is refused without it, never trusted because its
+            ``config.yaml`` says so.
+        backend: ``hf`` or ``vllm``.
+        kind: The data the command feeds (``exam``/``conversation``), or None when the run
+            decides how prompts are rendered (chat, serve, webui, export).
+        use: ``generate``, ``loglik`` (scoring exam options) or ``export`` (any run kind).
 
     Raises:
         ValueError: Both or neither of run/model, a template with a run, a run that needs remote
-            code without ``trust_remote_code``, a run of the other data kind, an unknown backend.
+            code without ``trust_remote_code``, a run that cannot serve this use (a reward model;
+            a pt run for exam or conversation data; a run of the other data kind), an unknown
+            backend or use. Each message is one line saying why and what to do instead.
         FileNotFoundError: ``run`` is not a finished run directory.
     """
     from medtune.inference.predict import resolve_run
     from medtune.inference.provenance import model_source
+    from medtune.models import reward_model_reason
 
     if bool(run) == bool(model):
         raise ValueError("give either a run directory or a model path")
     if backend not in ("hf", "vllm"):
         raise ValueError(f"unknown backend {backend!r}; expected hf or vllm")
+    if use not in USES:
+        raise ValueError(f"unknown use {use!r}; expected one of {', '.join(USES)}")
+    run_kind = "model"
     if run:
         if template:
             raise ValueError("a template conflicts with a run directory (the run's saved template is used)")
         art = resolve_run(run)
         model_path, adapter_path, tpl = art.model_path, art.adapter_path, art.template
-        merge_first = art.merge_first
-        if art.trust_remote_code and not trust_remote_code:
-            # A run directory may come from someone else: it may choose a template, never run code.
-            raise ValueError(
-                f"{run} was trained with model.trust_remote_code=true: loading it runs Python code from "
-                f"{model_path}; pass --trust-remote-code if you trust that code")
+        merge_first, run_kind = art.merge_first, art.run_kind
+        _check_trust(run, art.trust_remote_code, trust_remote_code, model_path)
+        _check_use(run, run_kind, art.data_kind, kind, use)
         dtype = art.dtype if dtype == "auto" else dtype
         name = Path(run).name
-        if tpl.kind != kind:
-            raise ValueError(f"{run} was trained on {tpl.kind} data, but this data is {kind} data")
     else:
+        reason = reward_model_reason(model)
+        if reason is None and adapter and _adapter_task(adapter) == "SEQ_CLS":
+            model, reason = adapter, "is a reward-model adapter (peft task SEQ_CLS)"
+        if reason:
+            raise ValueError(reward_model_refusal(model, reason, use))
         tpl = (conversation_template(template or "plain") if kind == "conversation"
                else get_template(template or "qa"))
         model_path, adapter_path, merge_first = model, adapter, []
+        if (Path(model) / "config.yaml").exists():  # a run directory's weights, with the caller's template
+            if adapter:
+                raise ValueError(f"--adapter goes on a base model; {model} is a run directory (its adapters are "
+                                 "applied already)")
+            art = resolve_run(model)
+            _check_trust(model, art.trust_remote_code, trust_remote_code, art.model_path)
+            # as --run loads it: earlier stages merged, the run's own adapter (prefix/prompt too) on top
+            model_path, adapter_path, merge_first = art.model_path, art.adapter_path, art.merge_first
+            dtype = art.dtype if dtype == "auto" else dtype
         name = Path(model).name + (f"+{Path(adapter).name}" if adapter else "")
     if backend == "vllm" and merge_first:
         raise ValueError("vLLM serves one adapter on a base model; export this chained run first "
                          "(medtune export RUN --out DIR) and serve the export")
     source = model_source(model_path, adapter_path, merge_first, dtype=dtype, backend=backend, run=run)
     return Resolved(model_path, adapter_path, list(merge_first), tpl, name, dtype, trust_remote_code, backend,
-                    source)
+                    source, run_kind)
+
+
+def _check_trust(where: str, wanted: bool, given: bool, model_path: str) -> None:
+    """A run directory may come from someone else: it may choose a template, never run code."""
+    if wanted and not given:
+        raise ValueError(
+            f"{where} was trained with model.trust_remote_code=true: loading it runs Python code from "
+            f"{model_path}; pass --trust-remote-code if you trust that code")
 
 
 def load_backend(
@@ -108,15 +235,16 @@ def load_backend(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     backend: str = "hf",
-    kind: str = "exam",
+    kind: str | None = "exam",
     resolved: Resolved | None = None,
+    use: str = "generate",
 ) -> Loaded:
     """Load from ``run`` (model, adapter and template saved by training) or from ``model``.
 
     The arguments are those of :func:`resolve_source`; pass ``resolved`` instead when it was
     already called (e.g. to refuse before loading).
     """
-    r = resolved or resolve_source(run, model, adapter, template, dtype, trust_remote_code, backend, kind)
+    r = resolved or resolve_source(run, model, adapter, template, dtype, trust_remote_code, backend, kind, use)
     if r.backend == "vllm":
         from medtune.inference.vllm import VLLMBackend
 
@@ -128,4 +256,4 @@ def load_backend(
         m, tok = load_for_inference(r.model_path, r.adapter_path, dtype=r.dtype,
                                     trust_remote_code=r.trust_remote_code, merge_first=r.merge_first)
         engine = HFBackend(m, tok)
-    return Loaded(engine, r.template, r.name, r.model_path, r.adapter_path, r.source)
+    return Loaded(engine, r.template, r.name, r.model_path, r.adapter_path, r.source, r.run_kind)

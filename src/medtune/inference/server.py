@@ -3,8 +3,10 @@
 Endpoints (the subset of the OpenAI API that a text-only model can honour):
 
 - ``GET /v1/models`` and ``GET /v1/models/{id}``: the one served model.
-- ``POST /v1/chat/completions``: messages rendered with the model's chat template
-  (:func:`medtune.inference.chat.chat_prompt`), optionally streamed as server-sent events.
+- ``POST /v1/chat/completions``: messages rendered as the served run was trained
+  (:func:`medtune.inference.chat.reply_prompt`: a conversation run's own format; otherwise the
+  model's chat template or a 用户/助手 transcript), optionally streamed as server-sent events. A
+  pt run (raw text, no turns) answers 400 here and continues text on ``/v1/completions``.
 - ``POST /v1/completions``: a raw prompt continued, optionally streamed.
 - ``GET /health``: liveness plus the current load (no API key needed, for probes).
 
@@ -58,7 +60,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from medtune.inference.base import GenerationParams
-from medtune.inference.chat import chat_prompt
+from medtune.inference.chat import reply_prompt, reply_stops
 
 logger = logging.getLogger(__name__)
 
@@ -552,7 +554,8 @@ class _Prepared:
     params: GenerationParams  # the request's, with a defaulted max_tokens cut to the context left
 
 
-def _prepare(backend: Any, req: _Request, max_prompt_tokens: int, context_length: int | None) -> _Prepared:
+def _prepare(backend: Any, req: _Request, max_prompt_tokens: int, context_length: int | None,
+             template: Any = None) -> _Prepared:
     """Render and measure the prompt (in a worker thread: templates and tokenizers cost CPU).
 
     Raises:
@@ -561,14 +564,18 @@ def _prepare(backend: Any, req: _Request, max_prompt_tokens: int, context_length
     """
     if req.chat:
         try:
-            text, add_special = chat_prompt(req.messages or [], getattr(backend, "tokenizer", None))
+            text, add_special = reply_prompt(req.messages or [], template, getattr(backend, "tokenizer", None))
         except Exception as exc:
             # Chat templates reject conversations they cannot render (e.g. roles that do not
             # alternate); that is the request's fault, so it is a 400 with the template's reason.
-            raise _bad(f"the messages cannot be rendered with this model's chat template: {exc}",
+            raise _bad(f"the messages cannot be rendered with this model's {_format_name(template)}: {exc}",
                        "messages") from exc
     else:
         text, add_special = req.prompt or "", True
+    params = req.params
+    if req.chat and getattr(template, "kind", None) == "conversation":
+        # the run was trained to end each reply with its template's end marker (if any): cut there
+        params = replace(params, stop=(*params.stop, *reply_stops(template, add_special)))
     prompt_tokens = backend.count_tokens(text, add_special_tokens=add_special)
     # OpenAI names the input field as the param of context_length_exceeded, even when max_tokens
     # is what tipped it over; clients key on the code.
@@ -577,7 +584,6 @@ def _prepare(backend: Any, req: _Request, max_prompt_tokens: int, context_length
         why = " (the model's context length)" if max_prompt_tokens == context_length else ""
         raise _bad(f"the prompt is {prompt_tokens} tokens; this server accepts at most {max_prompt_tokens}{why}",
                    where, code="context_length_exceeded")
-    params = req.params
     if context_length is not None and prompt_tokens + params.max_new_tokens > context_length:
         room = context_length - prompt_tokens
         if room < 1:
@@ -592,6 +598,21 @@ def _prepare(backend: Any, req: _Request, max_prompt_tokens: int, context_length
         # on a default the client never chose.
         params = replace(params, max_new_tokens=room)
     return _Prepared(text, add_special, prompt_tokens, params)
+
+
+def _format_name(template: Any) -> str:
+    """How chat messages become a prompt for this server, in words (for error messages)."""
+    if getattr(template, "kind", None) == "conversation":
+        return f"conversation format '{template.name}' (the one it was trained with)"
+    return "chat template"
+
+
+def _refuse_chat_for_raw_text(template: Any) -> None:
+    """400 for a chat request to a pt run: raw-text training has no turns to render messages with."""
+    if getattr(template, "kind", None) == "text":
+        raise APIError(400, "this model was trained on raw text (stage pt) and has no chat format to render messages "
+                            "with; POST the text to continue to /v1/completions", param="messages",
+                       code="chat_not_supported")
 
 
 def _generate(backend: Any, prep: _Prepared, req: _Request) -> list[tuple[str, int]]:
@@ -761,6 +782,7 @@ def create_app(
     max_prompt_tokens: int | None = None,
     max_tokens_limit: int = 2048,
     allowed_hosts: Iterable[str] | None = None,
+    template: Any = None,
 ) -> FastAPI:
     """Build the OpenAI-compatible app around ``backend``.
 
@@ -779,6 +801,10 @@ def create_app(
         allowed_hosts: Host names accepted besides the defaults, ``"*"`` for any; see
             :class:`HostPolicy`. The defaults follow the address given to :func:`serve` or
             :func:`background_server`; under another ASGI server they are the loopback ones.
+        template: The served run's template (``medtune.inference.loading.Loaded.template``): a
+            conversation format renders chat requests as the run was trained; raw text (a pt
+            run) refuses chat requests; an exam template or None renders them with the chat
+            template (or a 用户/助手 transcript).
 
     Returns:
         The FastAPI application; run it with :func:`serve` (or any ASGI server). Its ``state``
@@ -904,10 +930,13 @@ def create_app(
 
     async def complete(request: Request, chat: bool) -> Any:
         req = _parse(await read_json(request), chat, model_name, max_tokens_limit)
+        if chat:
+            _refuse_chat_for_raw_text(template)
         ticket = gate.admit()
         try:
             try:
-                prep = await anyio.to_thread.run_sync(_prepare, backend, req, max_prompt_tokens, context_length)
+                prep = await anyio.to_thread.run_sync(_prepare, backend, req, max_prompt_tokens, context_length,
+                                                      template)
             except APIError:
                 raise
             except Exception as exc:  # the tokenizer itself failed

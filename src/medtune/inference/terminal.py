@@ -1,24 +1,51 @@
-"""Interactive terminal chat: streamed replies, history, /reset, /compare, /exit, and exam mode."""
+"""Interactive terminal chat: streamed replies, history, /reset, /compare, /exit, and exam mode.
+
+Turns are rendered as the run was trained (:func:`medtune.inference.chat.reply_prompt`): an exam
+run chats freely and answers exam questions with ``--exam``; a conversation run (sft on
+conversations, dpo, rl) uses its conversation format; a pt run continues each line as raw text.
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TextIO
 
 from medtune.inference.base import GenerationParams
-from medtune.inference.chat import answer_exam, chat_prompt, parse_exam_text
-from medtune.templates import ExamTemplate
+from medtune.inference.chat import answer_exam, keeps_history, parse_exam_text, reply_prompt, reply_stops
 
-HELP = """commands: /reset clears the history · /compare TEXT asks base and tuned model · /exit quits
-exam mode: paste the question, then one option per line (A 胸肌劳损 …), then an empty line"""
+COMMANDS_HELP = "commands: /reset clears the history · /compare TEXT asks base and tuned model · /exit quits"
+HELP = COMMANDS_HELP + "\nexam mode: paste the question, then one option per line (A 胸肌劳损 …), then an empty line"
+TEXT_HELP = """raw-text model (stage pt): each line you type is continued as text; no history is kept
+commands: /compare TEXT asks base and tuned model · /exit quits"""
 
 
 class TerminalChat:
     """The chat loop, with input and output injectable so it can be tested without a terminal."""
 
-    def __init__(self, backend: Any, template: ExamTemplate, params: GenerationParams, exam: bool = False,
+    def __init__(self, backend: Any, template: Any, params: GenerationParams, exam: bool = False,
                  system: str | None = None, read: Callable[[str], str] = input, out: TextIO = sys.stdout):
+        """Set up the loop.
+
+        Args:
+            backend: The model's backend (its ``base()`` view, when it has an adapter, answers /compare).
+            template: The run's template (exam template, conversation format or raw text); it
+                decides how turns are rendered.
+            params: Decoding settings.
+            exam: Exam mode (needs an exam template).
+            system: A system message put before the conversation (not for raw text).
+            read: Reads one line given a prompt (``input``).
+            out: Where replies are written.
+
+        Raises:
+            ValueError: Exam mode without an exam template; a system message for raw text.
+        """
+        if exam and getattr(template, "kind", "exam") != "exam":
+            raise ValueError(f"exam mode needs an exam template; this model's is {template.name} "
+                             f"({template.kind} data)")
+        if system and not keeps_history(template):
+            raise ValueError("--system: a raw-text (pt) model continues text and has no place for a system message")
         self.backend = backend
         self.base = backend.base() if getattr(backend, "has_adapter", False) else None
         self.template = template
@@ -36,7 +63,8 @@ class TerminalChat:
 
     def run(self) -> int:
         """Loop until /exit or end of input; returns the exit code."""
-        self.say(HELP)
+        exam_run = getattr(self.template, "kind", "exam") == "exam"  # conversation runs have no exam mode
+        self.say(TEXT_HELP if not keeps_history(self.template) else HELP if exam_run else COMMANDS_HELP)
         while True:
             try:
                 line = self.read_message()
@@ -81,14 +109,16 @@ class TerminalChat:
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history + [
             {"role": "user", "content": text}
         ]
-        prompt, special = chat_prompt(messages, getattr(backend, "tokenizer", None))
+        prompt, special = reply_prompt(messages, self.template, getattr(backend, "tokenizer", None))
+        params = replace(self.params, stop=(*self.params.stop, *reply_stops(self.template, special)))
         self.say(f"{label}> ", end="")
         reply = ""
-        for piece in backend.stream(prompt, self.params, add_special_tokens=special):
+        for piece in backend.stream(prompt, params, add_special_tokens=special):
             reply += piece
             self.say(piece, end="")
         self.say()
-        if backend is self.backend:  # /compare answers do not enter the conversation
+        # /compare answers do not enter the conversation; raw-text continuation has none
+        if backend is self.backend and keeps_history(self.template):
             self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
 
     def answer_exam(self, text: str, backend: Any, label: str) -> None:

@@ -64,19 +64,35 @@ class VLLMBackend:
 
             self._lora = LoRARequest("adapter", 1, adapter_path)
 
-    def _sampling(self, params: GenerationParams) -> Any:
-        return self._vllm.SamplingParams(
-            max_tokens=params.max_new_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p if params.temperature > 0 else 1.0,
-            stop=list(params.stop) or None,
-        )
+    def _sampling(self, params: GenerationParams, prompts: list[str] | None = None) -> Any:
+        """The ``SamplingParams`` that apply exactly ``params``: one object, or one per prompt.
+
+        With a seed, each prompt gets its own (vLLM seeds every request separately), derived from
+        the seed and the prompt text as ``medtune.inference.sampling.derive_seed`` does, so a
+        seeded output depends on neither its batch nor the order of the run. Greedy decoding
+        ignores top-p/top-k/seed, so they are left at vLLM's "off" values there.
+        """
+        sampling = params.sampling
+        common = {
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p if sampling else 1.0,
+            # -1 is "off" in vLLM 0.8 (which rejects 0) and is still accepted as "off" by later releases
+            "top_k": params.top_k if sampling and params.top_k > 0 else -1,
+            "repetition_penalty": params.repetition_penalty,
+            "stop": list(params.stop) or None,
+        }
+        if not (sampling and params.seed is not None and prompts is not None):
+            return self._vllm.SamplingParams(**common)
+        from medtune.inference.sampling import derive_seed
+
+        return [self._vllm.SamplingParams(**common, seed=derive_seed(params.seed, p)) for p in prompts]
 
     def generate(self, prompts: list[str], params: GenerationParams, add_special_tokens: bool = True) -> list[str]:
         """Batched generation (vLLM schedules the batch itself)."""
         inputs = [{"prompt_token_ids": self.tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]}
                   for p in prompts]
-        outs = self.llm.generate(inputs, self._sampling(params), lora_request=self._lora, use_tqdm=False)
+        outs = self.llm.generate(inputs, self._sampling(params, prompts), lora_request=self._lora, use_tqdm=False)
         return [cut_at_stop(o.outputs[0].text, params.stop)[0] for o in outs]
 
     def stream(self, prompt: str, params: GenerationParams, add_special_tokens: bool = True) -> Iterator[str]:

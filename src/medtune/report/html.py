@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 from medtune.io import atomic_write_json, atomic_write_text, read_jsonl
 from medtune.report import plots
-from medtune.report.markdown import COLUMNS, PAPER_ROWS, load_eval, variant_note
+from medtune.report.results import COLUMNS, PAPER_ROWS, load_eval, variant_note
 
 __all__ = [
     "PLOTS_MANIFEST",

@@ -25,12 +25,14 @@ from medtune.io import read_jsonl_tolerant
 __all__ = [
     "CJK_FONT_CANDIDATES",
     "METRIC_COLUMNS",
+    "new_figure",
     "plot_category_accuracy",
     "plot_confusion",
     "plot_letter_distribution",
     "plot_loss_curve",
     "plot_metric_comparison",
     "run_colors",
+    "save_png",
     "setup_cjk_font",
 ]
 
@@ -168,8 +170,11 @@ def run_colors(labels: list[str]) -> dict[str, str]:
     return {label: _PALETTE[i % len(_PALETTE)] for i, label in enumerate(labels)}
 
 
-def _new_figure(width: float, height: float) -> Any:
-    """A figure on an explicit Agg canvas (see the module docstring for why not pyplot)."""
+def new_figure(width: float, height: float) -> Any:
+    """A figure on an explicit Agg canvas (see the module docstring for why not pyplot), CJK font set.
+
+    Shared with ``medtune.report.data_plots`` so every medtune chart is drawn the same way.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -179,7 +184,7 @@ def _new_figure(width: float, height: float) -> Any:
     return fig
 
 
-def _save(fig: Any, out_png: str | os.PathLike) -> Path:
+def save_png(fig: Any, out_png: str | os.PathLike) -> Path:
     """Save ``fig`` as PNG atomically (temp file + rename), so a reader never sees half an image."""
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -274,7 +279,7 @@ def plot_category_accuracy(
 
     bar_h = 0.8 / len(labels)
     rows = [max(len(values) * len(labels) * 0.22 + 0.9, 1.6) for _, values, _ in layout]
-    fig = _new_figure(10.0, sum(rows) + 0.6)
+    fig = new_figure(10.0, sum(rows) + 0.6)
     axes = fig.subplots(len(layout), 1, squeeze=False, gridspec_kw={"height_ratios": rows})[:, 0]
     for ax, (title, values, total) in zip(axes, layout, strict=True):
         runs = panels[title]
@@ -323,7 +328,7 @@ def plot_category_accuracy(
             frameon=False,
         )
     fig.suptitle("Accuracy by category", fontsize=13)
-    return _save(fig, out_png)
+    return save_png(fig, out_png)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -365,7 +370,7 @@ def plot_confusion(
     row_sums = arr.sum(axis=1, keepdims=True)
     share = np.divide(arr, row_sums, out=np.zeros_like(arr), where=row_sums > 0)
     cell = 0.5 if max(len(gold), len(pred)) <= 12 else 0.36
-    fig = _new_figure(max(len(pred) * cell + 2.6, 4.5), max(len(gold) * cell + 1.8, 3.5))
+    fig = new_figure(max(len(pred) * cell + 2.6, 4.5), max(len(gold) * cell + 1.8, 3.5))
     ax = fig.add_subplot()
     image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
     fontsize = 9 if max(len(gold), len(pred)) <= 12 else 6
@@ -381,7 +386,7 @@ def plot_confusion(
     ax.set_ylabel("gold answer")
     ax.set_title(title, fontsize=11)
     fig.colorbar(image, ax=ax, label="share of gold row", shrink=0.85)
-    return _save(fig, out_png)
+    return save_png(fig, out_png)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -433,7 +438,7 @@ def plot_loss_curve(
         return None
 
     colors = run_colors(list(metrics_jsonl_paths))
-    fig = _new_figure(9.0, 4.8)
+    fig = new_figure(9.0, 4.8)
     ax = fig.add_subplot()
     for label, (train, evals) in series.items():
         if train:
@@ -453,7 +458,7 @@ def plot_loss_curve(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Training loss", fontsize=12)
-    return _save(fig, out_png)
+    return save_png(fig, out_png)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -487,7 +492,7 @@ def plot_metric_comparison(
     colors = run_colors(labels)
     width = 0.8 / len(labels)
     # Wider with more runs, but capped: an over-wide PNG is shrunk in the page and its text with it.
-    fig = _new_figure(min(9.0 + 0.6 * max(len(labels) - 2, 0), 12.0), 4.2)
+    fig = new_figure(min(9.0 + 0.6 * max(len(labels) - 2, 0), 12.0), 4.2)
     ax = fig.add_subplot()
     for j, label in enumerate(labels):
         xs, ys = [], []
@@ -506,7 +511,7 @@ def plot_metric_comparison(
     # Legend below the axes: inside, it would hide bars whichever corner it took.
     fig.legend(loc="outside lower center", ncols=min(len(labels), 4), fontsize=8, frameon=False)
     ax.set_title("Metrics by run", fontsize=12)
-    return _save(fig, out_png)
+    return save_png(fig, out_png)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -547,7 +552,7 @@ def plot_letter_distribution(
     colors = run_colors(list(results_by_label))
     ncols = min(len(dists), 3)
     nrows = math.ceil(len(dists) / ncols)
-    fig = _new_figure(4.2 * ncols + 0.6, 3.4 * nrows + 0.5)
+    fig = new_figure(4.2 * ncols + 0.6, 3.4 * nrows + 0.5)
     # Shared y axis: the same height means the same share in every panel, so runs compare at a glance.
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True).ravel()
     for k, (ax, (label, dist)) in enumerate(zip(axes, dists.items(), strict=False)):
@@ -569,4 +574,4 @@ def plot_letter_distribution(
     for ax in axes[len(dists) :]:
         ax.set_visible(False)  # empty grid slots of the last row
     fig.suptitle("Answer letters: predicted vs gold (position bias)", fontsize=12)
-    return _save(fig, out_png)
+    return save_png(fig, out_png)

@@ -12,6 +12,9 @@ import platform
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from typing import Any
 import yaml
 from transformers import TrainerCallback
 
-from medtune.config import ConfigError, RunConfig
+from medtune.config import ConfigError, RunConfig, eval_metric_key
 from medtune.io import atomic_write_json, read_jsonl_tolerant, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,72 @@ def environment(seed: int, data_files: list[str]) -> dict[str, Any]:
     }
 
 
+# The run directory that ``medtune train --overwrite`` asked to start over in. A context variable
+# rather than a parameter so that every stage gets it through check_run_dir/create_run_dir, the
+# two calls they already make, without each stage passing a flag along.
+_OVERWRITE: ContextVar[Path | None] = ContextVar("medtune_overwrite_run_dir", default=None)
+
+
+@contextmanager
+def overwriting(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Within this block, a training run into ``run_dir`` starts over instead of resuming or refusing.
+
+    ``check_run_dir`` then skips the same-config and same-data checks and resumes nothing (but
+    still refuses a directory that is not a medtune run directory), and ``create_run_dir`` deletes
+    the old run's files: only once the new run's settings and data have been checked, so a new
+    run refused for those leaves the old run as it was.
+    """
+    token = _OVERWRITE.set(Path(run_dir).resolve())
+    try:
+        yield
+    finally:
+        _OVERWRITE.reset(token)
+
+
+def _overwrite_requested(run_dir: Path) -> bool:
+    wanted = _OVERWRITE.get()
+    return wanted is not None and wanted == run_dir.resolve()
+
+
+def check_overwritable(run_dir: Path) -> None:
+    """Refuse to start over in a directory that is not (only) a medtune run.
+
+    ``--overwrite`` deletes the whole directory, so it must be one that a training run made:
+    missing, empty, or holding the ``config.yaml`` of a run. Never the working directory or a
+    folder above it.
+
+    Raises:
+        RunDirError: Naming ``train.output_dir`` and why it is not replaced.
+    """
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise RunDirError(f"train.output_dir: {run_dir} is a file; expected a directory for the run")
+    resolved = run_dir.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise RunDirError(f"train.output_dir: {run_dir} is the working directory or holds it; --overwrite "
+                          "will not delete it. Choose a run directory of its own")
+    if not any(run_dir.iterdir()):
+        return
+    saved = run_dir / "config.yaml"
+    try:
+        previous = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else None
+    except (OSError, yaml.YAMLError):
+        previous = None
+    if not (isinstance(previous, dict) and "stage" in previous and "train" in previous):
+        raise RunDirError(f"train.output_dir: {run_dir} is not a medtune run directory (no run config.yaml), so "
+                          "--overwrite will not delete it; choose another train.output_dir or empty it yourself")
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Delete a previous run's directory (after ``check_overwritable``), so a new run starts clean."""
+    check_overwritable(run_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+        log.info("removed the previous run in %s (--overwrite)", run_dir)
+
+
 def check_run_dir(cfg: RunConfig, resume: bool = True) -> tuple[Path, str | None]:
     """``(run directory, checkpoint to resume from)``, refusing a directory this run must not use.
 
@@ -85,10 +154,15 @@ def check_run_dir(cfg: RunConfig, resume: bool = True) -> tuple[Path, str | None
     ``create_run_dir``, so a run refused for its settings or data leaves no directory behind.
     A rerun with the same config resumes from the last checkpoint; a different config (or changed
     training data) in an existing run directory is an error, since resuming would mix two experiments.
+    Inside ``overwriting(run_dir)`` (``medtune train --overwrite``) the old run is to be replaced:
+    nothing is compared or resumed.
     """
     run_dir = Path(cfg.train.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"train.output_dir: {run_dir} is a file; expected a directory for the run")
+    if _overwrite_requested(run_dir):
+        check_overwritable(run_dir)
+        return run_dir, None
     saved = run_dir / "config.yaml"
     if saved.exists():
         with open(saved, encoding="utf-8") as fh:
@@ -114,7 +188,13 @@ def check_run_dir(cfg: RunConfig, resume: bool = True) -> tuple[Path, str | None
 
 
 def create_run_dir(run_dir: Path) -> None:
-    """Create the run directory (once the run's settings and data have been checked)."""
+    """Create the run directory (once the run's settings and data have been checked).
+
+    Under ``overwriting(run_dir)`` the previous run in it is deleted first, exactly once.
+    """
+    if _overwrite_requested(run_dir):
+        clear_run_dir(run_dir)
+        _OVERWRITE.set(None)  # a stage that calls this again must not delete its own new files
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -258,6 +338,8 @@ def planned_steps(cfg: RunConfig, n_train: int, unit: str, accounting: list[tupl
 
     Raises:
         ValueError: When the run would make no optimiser step.
+        ConfigError: ``train.warmup_steps`` covers the whole run (the learning rate would never
+            reach ``train.learning_rate``).
     """
     from medtune.adapters import total_optimizer_steps
 
@@ -272,6 +354,10 @@ def planned_steps(cfg: RunConfig, n_train: int, unit: str, accounting: list[tupl
             f"data.train: {cfg.data.train} leaves {n_train} training {unit} ({', '.join(shown)}), "
             f"so the run would make {steps} optimiser steps; check the file and the data.* settings"
         )
+    if cfg.train.warmup_steps >= steps:
+        raise ConfigError(f"train.warmup_steps: {cfg.train.warmup_steps} warm-up steps, but the run makes {steps} "
+                          f"optimiser steps, so the learning rate would never reach train.learning_rate="
+                          f"{cfg.train.learning_rate:g}; use fewer warm-up steps")
     return steps
 
 
@@ -306,31 +392,87 @@ def save_json(path: Path, obj: Any) -> None:
     atomic_write_json(path, obj)
 
 
-class EarlyStopOnEvalLoss(TrainerCallback):
-    """Stop training after ``patience`` evaluations without a lower validation loss.
+class EarlyStopOnMetric(TrainerCallback):
+    """Stop training after ``patience`` evaluations without a better validation metric.
 
-    transformers' ``EarlyStoppingCallback`` needs ``load_best_model_at_end``, which forces
-    checkpoints onto the evaluation schedule (every epoch); we keep step checkpoints for resuming,
-    so this callback only watches ``eval_loss`` and asks the trainer to stop.
+    transformers' ``EarlyStoppingCallback`` needs ``load_best_model_at_end``, which ties
+    checkpoints to the evaluation schedule; early stopping works here without it (checkpoints stay
+    on ``train.save_steps`` for resuming), so this callback only watches the metric and asks the
+    trainer to stop.
+
+    Args:
+        patience: Evaluations in a row without improvement before stopping.
+        metric: The metric's key (``eval_loss``, ``eval_accuracy``, ...).
+        greater_is_better: Whether a higher value is an improvement (accuracy) or a lower one (loss).
     """
 
-    def __init__(self, patience: int):
+    def __init__(self, patience: int, metric: str = "eval_loss", greater_is_better: bool = False):
         self.patience = patience
+        self.metric = metric
+        self.greater_is_better = greater_is_better
         self.best: float | None = None
         self.bad = 0
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
-        """Count evaluations that did not improve on the best loss so far."""
-        loss = (metrics or {}).get("eval_loss")
-        if loss is None:
+        """Count evaluations that did not improve on the best value so far."""
+        value = (metrics or {}).get(self.metric)
+        if value is None:
             return
-        if self.best is None or loss < self.best:
-            self.best, self.bad = loss, 0
+        better = self.best is None or (value > self.best if self.greater_is_better else value < self.best)
+        if better:
+            self.best, self.bad = value, 0
         else:
             self.bad += 1
             if self.bad >= self.patience:
-                log.info("early stopping: eval_loss has not improved for %d evaluations", self.bad)
+                log.info("early stopping: %s has not improved for %d evaluations", self.metric, self.bad)
                 control.should_training_stop = True
+
+
+EarlyStopOnEvalLoss = EarlyStopOnMetric  # the name before it could watch other metrics
+
+
+class RequireEvalMetric(TrainerCallback):
+    """Refuse, at the first evaluation, a ``train.metric_for_best_model`` that the stage does not log.
+
+    transformers would raise a bare ``KeyError`` from inside its training loop; this names the
+    setting and the metrics there are. Evaluations under another prefix (pt's ``before_*``) are
+    not checked.
+    """
+
+    def __init__(self, metric: str):
+        self.metric = metric
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
+        """Check that the metric is among this evaluation's metrics."""
+        metrics = metrics or {}
+        if any(k.startswith("eval_") for k in metrics) and self.metric not in metrics:
+            available = sorted(k for k in metrics if k.startswith("eval_") and not k.endswith(
+                ("_runtime", "_per_second")))
+            raise ConfigError(f"train.metric_for_best_model: {self.metric!r} is not among this stage's evaluation "
+                              f"metrics {available}")
+
+
+class TrainableParametersCallback(TrainerCallback):
+    """Print ``trainable / total / %`` parameters when training starts (every run, resumed ones too).
+
+    Printed (not logged): the CLI shows only warnings from loggers, and this is the one number
+    that says whether the adapter is what was intended (e.g. 0.1% for LoRA, 100% for full).
+    """
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        """Count and print on the main process."""
+        from medtune.adapters import trainable_parameter_counts
+
+        if model is None or not state.is_world_process_zero:
+            return
+        trainable, total = trainable_parameter_counts(model)
+        print(format_trainable(trainable, total), flush=True)
+
+
+def format_trainable(trainable: int, total: int) -> str:
+    """``trainable parameters: 1,234 of 5,678 (21.7330%)``."""
+    share = 100.0 * trainable / total if total else 0.0
+    return f"trainable parameters: {trainable:,} of {total:,} ({share:.4f}%)"
 
 
 def _first_non_finite(named: list[tuple[str, Any]]) -> tuple[str, str, int] | None:
@@ -433,14 +575,16 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_val: bool) -> dict[str
         per_device_train_batch_size=cfg.train.batch_size,
         per_device_eval_batch_size=cfg.train.eval_batch_size,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        warmup_steps=cfg.train.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
+        # transformers 5 has one argument: a number >= 1 is a count of steps, a float < 1 a ratio
+        # of the total (config validation allows only one of the two to be set)
+        warmup_steps=cfg.train.warmup_steps or cfg.train.warmup_ratio,
         lr_scheduler_type=cfg.train.lr_scheduler,
         weight_decay=cfg.train.weight_decay,
         max_grad_norm=cfg.train.max_grad_norm,
         save_strategy="steps",
         save_steps=cfg.train.save_steps,
         save_total_limit=cfg.train.save_total_limit,
-        eval_strategy="epoch" if has_val else "no",
+        **evaluation_arguments(cfg, has_val),
         logging_steps=cfg.train.logging_steps,
         logging_first_step=True,
         seed=cfg.train.seed,
@@ -459,17 +603,65 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_val: bool) -> dict[str
     )
 
 
-def standard_callbacks(cfg: RunConfig, run_dir: Path, has_val: bool) -> list[Any]:
-    """Divergence guard, metrics log, TensorBoard, AdaLoRA's rank schedule and early stopping, as configured."""
+def evaluation_arguments(cfg: RunConfig, has_val: bool) -> dict[str, Any]:
+    """The Trainer's evaluation schedule and best-checkpoint settings for ``cfg.train``.
+
+    Evaluation runs every ``train.eval_steps`` optimiser steps (and after the last step), or once
+    per epoch when that is null. With ``train.load_best_model_at_end`` it runs at every checkpoint
+    (``eval_steps`` is then null or equal to ``save_steps``; see ``RunConfig``), so every evaluation
+    has saved weights to load.
+
+    Raises:
+        ConfigError: ``train.load_best_model_at_end`` or ``train.eval_steps`` without validation
+            examples (e.g. a ``data.val_fraction`` too small for the data).
+    """
+    t = cfg.train
+    if not has_val:
+        for key, wanted in (("train.load_best_model_at_end", t.load_best_model_at_end),
+                            ("train.eval_steps", t.eval_steps is not None)):
+            if wanted:
+                raise ConfigError(f"{key}: the run has no validation examples to evaluate on (check "
+                                  "data.validation / data.val_fraction against the data)")
+        return {"eval_strategy": "no"}
+    every = t.eval_steps or (t.save_steps if t.load_best_model_at_end else None)
+    args: dict[str, Any] = {"eval_strategy": "steps", "eval_steps": every} if every else {"eval_strategy": "epoch"}
+    if t.load_best_model_at_end:
+        metric = eval_metric_key(t.metric_for_best_model)
+        args.update(load_best_model_at_end=True, metric_for_best_model=metric,
+                    greater_is_better=not metric.endswith("loss"))
+    return args
+
+
+def standard_callbacks(cfg: RunConfig, run_dir: Path, has_val: bool, *,
+                       answer_accuracy: TrainerCallback | None = None) -> list[Any]:
+    """The callbacks every stage uses, as configured.
+
+    Answer scoring (when given), metrics log, TensorBoard, trainable-parameter count, AdaLoRA's
+    rank schedule, the metric check and early stopping, and the divergence guard.
+
+    Args:
+        cfg: The run config.
+        run_dir: The run directory (``metrics.jsonl`` and ``tensorboard/`` go there).
+        has_val: Whether the run evaluates on validation examples.
+        answer_accuracy: A callback that adds ``eval_accuracy`` to each evaluation's logs
+            (``medtune.train.answer_accuracy``). It goes first, so the metrics log, TensorBoard,
+            early stopping and the best-checkpoint choice all see the accuracy.
+    """
     from medtune.adapters import AdaLoraRankCallback
 
-    callbacks: list[Any] = [MetricsLogCallback(run_dir / "metrics.jsonl")]
+    callbacks: list[Any] = [answer_accuracy] if answer_accuracy is not None and has_val else []
+    callbacks.append(MetricsLogCallback(run_dir / "metrics.jsonl"))
     if "tensorboard" in cfg.train.report_to:
         callbacks.append(tensorboard_callback(run_dir))
+    callbacks.append(TrainableParametersCallback())
     if cfg.adapter.method == "adalora":
         callbacks.append(AdaLoraRankCallback())
+    metric = eval_metric_key(cfg.train.metric_for_best_model)
+    if has_val and (cfg.train.load_best_model_at_end or cfg.train.early_stopping_patience):
+        callbacks.append(RequireEvalMetric(metric))
     if cfg.train.early_stopping_patience and has_val:
-        callbacks.append(EarlyStopOnEvalLoss(cfg.train.early_stopping_patience))
+        callbacks.append(EarlyStopOnMetric(cfg.train.early_stopping_patience, metric,
+                                           greater_is_better=not metric.endswith("loss")))
     # last, so the logs above have recorded a non-finite loss before the guard stops the run
     callbacks.append(NonFiniteGuard())
     return callbacks

@@ -54,10 +54,11 @@ def build_prompt_rows(cfg: RunConfig, tokenizer: Any) -> PromptRows:
         ConfigError: ``data.template`` names no exam template.
     """
     from medtune.data.conversations import conversation_prompt
-    from medtune.data.exam import detect_kind, load_conversations, load_exam_file
+    from medtune.data.detect import detect
+    from medtune.data.exam import load_conversations, load_exam_file
     from medtune.templates import TemplateError, conversation_template, get_template
 
-    kind = detect_kind(cfg.data.train)
+    kind = detect(cfg.data.train, kinds=("exam", "conversation")).kind
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     if kind == "exam":

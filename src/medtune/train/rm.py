@@ -92,15 +92,14 @@ def require_pairs(cfg: RunConfig, train: PreferenceRows, train_pairs: list[Any],
 
 def load_pairs(cfg: RunConfig) -> tuple[list[Any], list[Any], list[dict[str, Any]]]:
     """``(train pairs, held-out pairs, rejected rows)`` from data.train and data.validation / val_fraction."""
-    from medtune.data.exam import split_records
-    from medtune.data.instructions import read_preferences
+    from medtune.data.exam import load_preferences, split_records
 
-    read = read_preferences(cfg.data.train, on_invalid=cfg.data.on_invalid)
+    read = load_preferences(cfg.data.train, on_invalid=cfg.data.on_invalid)
     pairs, rejects = list(read.records), list(read.rejects)
     if cfg.data.max_samples:
         pairs = pairs[: cfg.data.max_samples]
     if cfg.data.validation:
-        val = read_preferences(cfg.data.validation, on_invalid=cfg.data.on_invalid)
+        val = load_preferences(cfg.data.validation, on_invalid=cfg.data.on_invalid)
         return pairs, list(val.records), rejects + list(val.rejects)
     train, held = split_records(pairs, cfg.data.val_fraction, cfg.train.seed)
     return train, held, rejects

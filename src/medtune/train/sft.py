@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,10 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from medtune.adapters import check_method_compatibility, peft_config_for
+    from medtune.adapters import check_method_compatibility, check_target_modules, peft_config_for
     from medtune.data.conversations import build_conversation_examples
-    from medtune.data.exam import detect_kind, load_conversations, load_exam_file, split_records
+    from medtune.data.detect import detect
+    from medtune.data.exam import load_conversations, load_exam_file, split_records
     from medtune.data.sft import IGNORE_INDEX, build_sft_examples
     from medtune.models import load_for_training
     from medtune.templates import TemplateError, conversation_template, get_template
@@ -36,7 +38,13 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
 
     # ---- data: records → template → tokenised, prompt-masked examples ---------------------------
     tokenizer = common.load_training_tokenizer(cfg)
-    if detect_kind(cfg.data.train) == "exam":
+    limits = {"max_source_length": cfg.data.max_source_length, "max_target_length": cfg.data.max_target_length,
+              "truncation": cfg.data.truncation}
+    exam = detect(cfg.data.train, kinds=("exam", "conversation")).kind == "exam"
+    if cfg.train.eval_accuracy != "none" and not exam:
+        raise ConfigError(f"train.eval_accuracy: scores answers to multiple-choice questions, and data.train "
+                          f"({cfg.data.train}) holds conversations; set train.eval_accuracy=none")
+    if exam:
         try:
             template = get_template(cfg.data.template)
         except TemplateError as exc:
@@ -44,13 +52,21 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         load = load_exam_file
 
         def build(recs: list) -> Any:
-            return build_sft_examples(recs, template, tokenizer, cfg.data.max_length)
+            return build_sft_examples(recs, template, tokenizer, cfg.data.max_length, **limits,
+                                      max_explanation_chars=cfg.data.max_explanation_chars,
+                                      on_long_explanation=cfg.data.on_long_explanation)
     else:  # instructions, dialogues, PromptCBLUE, ...: loss on every assistant reply
-        template = conversation_template(cfg.data.conversation_format)
+        if cfg.data.max_explanation_chars is not None:
+            raise ConfigError(f"data.max_explanation_chars: applies to exam questions, and data.train "
+                              f"({cfg.data.train}) holds conversations; remove it")
+        try:
+            template = conversation_template(cfg.data.conversation_format)
+        except TemplateError as exc:
+            raise ConfigError(f"data.conversation_format: {exc}") from exc
         load = load_conversations
 
         def build(recs: list) -> Any:
-            return build_conversation_examples(recs, template.name, tokenizer, cfg.data.max_length)
+            return build_conversation_examples(recs, template, tokenizer, cfg.data.max_length, **limits)
 
     records, rejects = load(cfg.data.train, cfg.data.on_invalid)
     n_read, n_invalid = len(records) + len(rejects), len(rejects)
@@ -63,6 +79,18 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     else:
         records, val_records = split_records(records, cfg.data.val_fraction, cfg.train.seed)
     train_build, val_build = build(records), build(val_records)
+    if int(os.environ.get("RANK", "0")) == 0:  # printed, not logged: the CLI shows only warnings
+        for split, built in (("train", train_build), ("validation", val_build)):
+            if built.n_records:
+                print(built.summary_line(split), flush=True)
+    lost = train_build.dropped_tasks()
+    # (with no example left at all, planned_steps below says so, naming where the rows went)
+    if lost and train_build.examples and not cfg.data.allow_dropped_tasks:
+        example = next(e["reason"] for e in train_build.skipped if e.get("task") in lost)
+        raise ConfigError(
+            f"data: every training example of task(s) {', '.join(f'{t} ({n})' for t, n in lost.items())} would be "
+            f"dropped (e.g. {example}); raise data.max_length, set data.truncation=middle or left, or set "
+            f"data.allow_dropped_tasks=true to train without them")
     skipped = train_build.skipped
     total_steps = common.planned_steps(cfg, len(train_build.examples), "examples", [
         ("rows read", n_read),
@@ -72,6 +100,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
          0 if cfg.data.validation else len(val_records)),
         (f"skipped, e.g. {skipped[0]['reason']}" if skipped else "skipped", len(skipped)),
     ])
+    answer_accuracy = _answer_accuracy_callback(cfg, val_records, template, tokenizer) if exam else None
     common.create_run_dir(run_dir)
     torch.manual_seed(cfg.train.seed)
 
@@ -87,6 +116,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     peft_config = None if stacked else peft_config_for(cfg.adapter, model.config.model_type, total_steps,
                                                        hidden_size=model.config.hidden_size)
     if peft_config is not None:
+        check_target_modules(model, peft_config, cfg.adapter)
         model = get_peft_model(model, peft_config)
 
     # ---- trainer -----------------------------------------------------------------------------------
@@ -100,7 +130,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         # every trainable parameter gets a gradient each step; without this DDP re-scans the graph
         ddp_find_unused_parameters=False,
     )
-    callbacks = common.standard_callbacks(cfg, run_dir, has_val)
+    callbacks = common.standard_callbacks(cfg, run_dir, has_val, answer_accuracy=answer_accuracy)
     # The LM head only on label positions where that is exactly the model's own loss (one
     # process, plain/LoRA decoders): about 13% less compute on exam data, same loss and gradients.
     trainer_cls = LabelHeadTrainer if label_head_applies(model, cfg.adapter.method) else Trainer
@@ -135,7 +165,39 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         common.save_trained(trainer, tokenizer, run_dir, adapter=peft_config is not None or stacked)
         final = {"global_step": trainer.state.global_step, "total_steps_planned": total_steps}
         evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-        if evals:  # the last epoch's validation, already computed (no second pass over the data)
+        best = trainer.state.best_model_checkpoint if cfg.train.load_best_model_at_end else None
+        if best:
+            # the saved weights are the best checkpoint's: report its evaluation, not the last one
+            step = int(Path(best).name.removeprefix("checkpoint-"))
+            evals = [entry for entry in evals if entry["step"] == step] or evals
+            final.update(best_model_checkpoint=best, metric_for_best_model=cfg.train.metric_for_best_model,
+                         best_metric=trainer.state.best_metric)
+        if evals:  # the validation already computed (no second pass over the data)
             final.update(evals[-1])
         common.save_json(run_dir / "train_results.json", final)
     return run_dir
+
+
+def _answer_accuracy_callback(cfg: RunConfig, val_records: list, template: Any, tokenizer: Any) -> Any:
+    """The ``train.eval_accuracy`` callback for exam data, or ``None`` when it is off.
+
+    Built before the run directory exists, so a template without an answer cue (loglik) or an
+    empty validation split is refused without leaving anything behind.
+    """
+    from medtune.evaluation.loglik import answer_cue
+    from medtune.train.answer_accuracy import AnswerAccuracyCallback
+
+    mode = cfg.train.eval_accuracy
+    if mode == "none":
+        return None
+    if not val_records:
+        raise ConfigError(f"train.eval_accuracy: no validation questions to score (data.val_fraction="
+                          f"{cfg.data.val_fraction} of the training records, data.validation={cfg.data.validation})")
+    if mode == "loglik":
+        try:
+            answer_cue(template)
+        except ValueError as exc:
+            raise ConfigError(f"train.eval_accuracy: loglik needs the answer letters in the template's target: "
+                              f"{exc}; use train.eval_accuracy=generate") from exc
+    return AnswerAccuracyCallback(val_records, template, tokenizer, mode, batch_size=cfg.train.eval_batch_size,
+                                  max_new_tokens=cfg.train.eval_max_new_tokens)

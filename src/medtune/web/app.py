@@ -22,7 +22,14 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from medtune.inference.base import GenerationParams
-from medtune.inference.chat import answer_exam, chat_prompt, option_scores, parse_exam_text
+from medtune.inference.chat import (
+    answer_exam,
+    keeps_history,
+    option_scores,
+    parse_exam_text,
+    reply_prompt,
+    reply_stops,
+)
 from medtune.templates import ExamTemplate
 
 if TYPE_CHECKING:
@@ -42,9 +49,6 @@ EXAMPLES = [
     ["艾叶的功效有", "A 温经\nB 止血\nC 散寒\nD 止痛\nE 养肝血"],
 ]
 
-# Without a chat template the conversation is a 用户/助手 transcript, and a base model happily
-# writes the user's next turn too; the reply ends where that turn would start.
-PLAIN_CHAT_STOP = "\n用户："
 # Shown for a reply with no text, so the user sees the turn ended; never sent back to the model.
 EMPTY_REPLY = "（模型没有生成文字 · the model produced no text）"
 
@@ -230,7 +234,7 @@ def _message_text(content: Any) -> str:
 
 
 def chat_handler(
-    backend: Any, history: list[dict[str, Any]], message: str, params: GenerationParams
+    backend: Any, history: list[dict[str, Any]], message: str, params: GenerationParams, template: Any = None
 ) -> Iterator[list[dict[str, str]]]:
     """Stream the assistant's reply to ``message``, given the conversation so far.
 
@@ -239,6 +243,8 @@ def chat_handler(
         history: Earlier messages (``{"role", "content"}``, content as text or gradio parts).
         message: The user's new message.
         params: Decoding settings.
+        template: The run's template: it decides how the turns become a prompt
+            (:func:`medtune.inference.chat.reply_prompt`; None or an exam template: free chat).
 
     Yields:
         The whole conversation after each new piece of the reply: first with only the user's
@@ -257,9 +263,12 @@ def chat_handler(
     yield list(messages)
     # The placeholder for an empty reply stays on the page but is not sent: the model never said it.
     said = [m for m in messages if not (m["role"] == "assistant" and m["content"] == EMPTY_REPLY)]
-    prompt, add_special = chat_prompt(said, getattr(backend, "tokenizer", None))
-    if add_special:  # chat_prompt built a plain transcript (no chat template)
-        params = replace(params, stop=(*params.stop, PLAIN_CHAT_STOP))
+    if not keeps_history(template):  # raw text: only the new message is continued
+        said = said[-1:]
+    prompt, add_special = reply_prompt(said, template, getattr(backend, "tokenizer", None))
+    stops = reply_stops(template, add_special)
+    if stops:
+        params = replace(params, stop=(*params.stop, *stops))
     reply = ""
     for piece in backend.stream(prompt, params, add_special_tokens=add_special):
         reply += piece
@@ -284,9 +293,20 @@ def _status_markdown(result: ExamResult) -> str:
     return f"⚠️ **输入或生成有误 · {html.escape(result.error)}**" if result.error else ""
 
 
+def demo_tabs(template: Any, has_base: bool) -> list[str]:
+    """The tabs a demo of a run with ``template`` has: exam tabs only for an exam template.
+
+    A conversation run (sft on conversations, dpo, rl) and a pt run have no exam template, so
+    they get the chat tab alone: in the run's conversation format, or (pt) as text continuation.
+    """
+    if getattr(template, "kind", "exam") != "exam":
+        return ["chat"]
+    return ["chat", "exam", *(["compare"] if has_base else [])]
+
+
 def build_demo(
     backend: Any,
-    template: ExamTemplate,
+    template: Any,
     name: str,
     base_backend: Any = None,
     params: GenerationParams | None = None,
@@ -295,10 +315,12 @@ def build_demo(
 
     Args:
         backend: The (fine-tuned) model's backend; answers chat and exam questions.
-        template: The exam template the run was trained with.
+        template: The template the run was trained with: an exam template (chat, exam and
+            compare tabs), a conversation format (chat in that format), or raw text (pt: the chat
+            tab continues text); see :func:`demo_tabs`.
         name: Display name of the model/run, shown in the header.
         base_backend: The model before fine-tuning; when given, a 对比 Compare tab answers the
-            same question with both.
+            same question with both (exam templates only).
         params: Decoding settings for every tab; defaults to greedy, 256 new tokens.
 
     Returns:
@@ -306,6 +328,8 @@ def build_demo(
     """
     gr = _import_gradio()
     params = params or DEFAULT_PARAMS
+    tabs = demo_tabs(template, base_backend is not None)
+    continuation = not keeps_history(template)
 
     def letters_box(elem_id: str) -> Any:
         # Scoped CSS on the component itself, so the styling does not depend on launch(css=…).
@@ -326,9 +350,11 @@ def build_demo(
         )
         with gr.Tabs():
             # ---- 对话 Chat -------------------------------------------------------------------
-            with gr.Tab("对话 Chat", id="chat", elem_id="tab-chat"):
-                chatbot = gr.Chatbot(label="对话 Chat", height=460, elem_id="chatbot",
-                                     placeholder="向模型提问，例如：带状疱疹的典型表现是什么？")
+            with gr.Tab("续写 Continue" if continuation else "对话 Chat", id="chat", elem_id="tab-chat"):
+                chatbot = gr.Chatbot(label="续写 Continue" if continuation else "对话 Chat", height=460,
+                                     elem_id="chatbot",
+                                     placeholder=("输入一段文字，模型接着写（预训练模型，不保留上文）· raw text is continued"
+                                                  if continuation else "向模型提问，例如：带状疱疹的典型表现是什么？"))
                 with gr.Row(equal_height=True):
                     chat_input = gr.Textbox(show_label=False, placeholder="输入消息，回车发送 · Enter to send",
                                             scale=6, elem_id="chat-input", container=False)
@@ -338,7 +364,7 @@ def build_demo(
                 def chat_ui(history: list[dict[str, Any]], message: str) -> Iterator[tuple[Any, str]]:
                     shown: Any = history
                     try:
-                        for shown in chat_handler(backend, history or [], message, params):
+                        for shown in chat_handler(backend, history or [], message, params, template):
                             yield shown, ""
                     except Exception as exc:  # the error belongs in the page, not a traceback
                         log.exception("chat generation failed")
@@ -352,96 +378,104 @@ def build_demo(
                       api_name="chat", **_MODEL_QUEUE)
                 reset.click(chat_reset, None, [chatbot, chat_input], queue=False)
 
-            # ---- 考题 Exam -------------------------------------------------------------------
-            with gr.Tab("考题 Exam", id="exam", elem_id="tab-exam"):
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        exam_q, exam_opts = question_inputs("exam")
-                        exam_btn = gr.Button("作答 Answer", variant="primary", elem_id="exam-submit")
-                        exam_status = gr.Markdown(elem_id="exam-status")
-                        gr.Examples(EXAMPLES, [exam_q, exam_opts], label="示例 Examples")
-                    with gr.Column(scale=1):
-                        exam_letters = letters_box("exam-letters")
-                        exam_expl = gr.Textbox(label="解释 Explanation", lines=3, max_lines=12,
-                                               interactive=False, elem_id="exam-explanation")
-                        exam_probs = gr.Dataframe(headers=["选项", "内容", "概率 Probability"],
-                                                  datatype=["str", "str", "str"], column_widths=["14%", "56%", "30%"],
-                                                  label="选项概率 Option probabilities", interactive=False,
-                                                  visible=False, elem_id="exam-probs")
-                        exam_probs_na = gr.Markdown(
-                            "选项概率：不可用（该后端不提供逐词概率）· option probabilities: not available "
-                            "for this backend", visible=False, elem_id="exam-probs-na")
-                        exam_raw = gr.Textbox(label="原始输出 Raw output", lines=3, max_lines=12,
-                                              interactive=False, elem_id="exam-raw")
-                        with gr.Accordion("提示词 Prompt", open=False):
-                            exam_prompt = gr.Textbox(show_label=False, lines=4, max_lines=20, interactive=False)
-
-                def exam_ui(question: str, options_text: str) -> list[Any]:
-                    result = exam_handler(backend, template, question, options_text, params)
-                    if result.error:
-                        gr.Warning(result.error, duration=_TOAST_SECONDS)
-                    probs_ok = result.scores is not None and not result.error
-                    return [
-                        _letters_html(result),
-                        result.explanation,
-                        gr.Dataframe(probability_rows(result.options, result.scores) if probs_ok else [],
-                                     visible=probs_ok),
-                        gr.Markdown(visible=not probs_ok and not result.error),
-                        result.output,
-                        result.prompt,
-                        _status_markdown(result),
-                    ]
-
-                exam_outputs = [exam_letters, exam_expl, exam_probs, exam_probs_na, exam_raw, exam_prompt, exam_status]
-                exam_btn.click(exam_ui, [exam_q, exam_opts], exam_outputs, api_name="exam", **_MODEL_QUEUE)
-
-            # ---- 对比 Compare ----------------------------------------------------------------
-            if base_backend is not None:
-                with gr.Tab("对比 Compare", id="compare", elem_id="tab-compare"):
-                    with gr.Row():
-                        with gr.Column(scale=2):
-                            cmp_q, cmp_opts = question_inputs("compare")
-                        with gr.Column(scale=1):
-                            cmp_btn = gr.Button("两个模型作答 Answer with both", variant="primary",
-                                                elem_id="compare-submit")
-                            cmp_status = gr.Markdown(elem_id="compare-status")
-                            cmp_probs = gr.Dataframe(headers=["选项", "内容", "基座 Base", "微调 Tuned"],
-                                                     datatype=["str", "str", "str", "str"],
-                                                     label="选项概率 Option probabilities", interactive=False,
-                                                     visible=False, elem_id="compare-probs")
-                    side: dict[str, list[Any]] = {}
-                    # Not equal_height: stretching the shorter column spreads its boxes apart.
-                    with gr.Row():
-                        for key, title in (("base", "基座模型 Base model"), ("tuned", f"微调模型 Tuned · {name}")):
-                            with gr.Column(scale=1, variant="panel"):
-                                gr.Markdown(f"### {html.escape(title)}")
-                                side[key] = [
-                                    letters_box(f"compare-{key}-letters"),
-                                    gr.Textbox(label="解释 Explanation", lines=3, max_lines=8, interactive=False,
-                                               elem_id=f"compare-{key}-explanation"),
-                                    gr.Textbox(label="原始输出 Raw output", lines=3, max_lines=8,
-                                               interactive=False, elem_id=f"compare-{key}-raw"),
-                                ]
-
-                    def compare_ui(question: str, options_text: str) -> list[Any]:
-                        base_res, tuned_res = compare_handler(base_backend, backend, template, question,
-                                                              options_text, params)
-                        error = base_res.error or tuned_res.error
-                        if error:
-                            gr.Warning(error, duration=_TOAST_SECONDS)
-                        both = base_res.scores is not None and tuned_res.scores is not None and not error
-                        rows = (compare_probability_rows(tuned_res.options, base_res.scores, tuned_res.scores)
-                                if both else [])
-                        out: list[Any] = [_status_markdown(base_res if base_res.error else tuned_res),
-                                          gr.Dataframe(rows, visible=both)]
-                        for res in (base_res, tuned_res):
-                            out += [_letters_html(res), res.explanation, res.output]
-                        return out
-
-                    cmp_btn.click(compare_ui, [cmp_q, cmp_opts], [cmp_status, cmp_probs, *side["base"],
-                                                                  *side["tuned"]],
-                                  api_name="compare", **_MODEL_QUEUE)
+            if "exam" in tabs:
+                _exam_tabs(gr, backend, template, name, base_backend if "compare" in tabs else None, params,
+                           question_inputs, letters_box)
     return demo
+
+
+def _exam_tabs(gr: Any, backend: Any, template: ExamTemplate, name: str, base_backend: Any,
+               params: GenerationParams, question_inputs: Any, letters_box: Any) -> None:
+    """The 考题 Exam tab, and the 对比 Compare tab when there is a base model (inside ``gr.Tabs``)."""
+    # ---- 考题 Exam -------------------------------------------------------------------
+    with gr.Tab("考题 Exam", id="exam", elem_id="tab-exam"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                exam_q, exam_opts = question_inputs("exam")
+                exam_btn = gr.Button("作答 Answer", variant="primary", elem_id="exam-submit")
+                exam_status = gr.Markdown(elem_id="exam-status")
+                gr.Examples(EXAMPLES, [exam_q, exam_opts], label="示例 Examples")
+            with gr.Column(scale=1):
+                exam_letters = letters_box("exam-letters")
+                exam_expl = gr.Textbox(label="解释 Explanation", lines=3, max_lines=12,
+                                       interactive=False, elem_id="exam-explanation")
+                exam_probs = gr.Dataframe(headers=["选项", "内容", "概率 Probability"],
+                                          datatype=["str", "str", "str"], column_widths=["14%", "56%", "30%"],
+                                          label="选项概率 Option probabilities", interactive=False,
+                                          visible=False, elem_id="exam-probs")
+                exam_probs_na = gr.Markdown(
+                    "选项概率：不可用（该后端不提供逐词概率）· option probabilities: not available "
+                    "for this backend", visible=False, elem_id="exam-probs-na")
+                exam_raw = gr.Textbox(label="原始输出 Raw output", lines=3, max_lines=12,
+                                      interactive=False, elem_id="exam-raw")
+                with gr.Accordion("提示词 Prompt", open=False):
+                    exam_prompt = gr.Textbox(show_label=False, lines=4, max_lines=20, interactive=False)
+
+        def exam_ui(question: str, options_text: str) -> list[Any]:
+            result = exam_handler(backend, template, question, options_text, params)
+            if result.error:
+                gr.Warning(result.error, duration=_TOAST_SECONDS)
+            probs_ok = result.scores is not None and not result.error
+            return [
+                _letters_html(result),
+                result.explanation,
+                gr.Dataframe(probability_rows(result.options, result.scores) if probs_ok else [],
+                             visible=probs_ok),
+                gr.Markdown(visible=not probs_ok and not result.error),
+                result.output,
+                result.prompt,
+                _status_markdown(result),
+            ]
+
+        exam_outputs = [exam_letters, exam_expl, exam_probs, exam_probs_na, exam_raw, exam_prompt, exam_status]
+        exam_btn.click(exam_ui, [exam_q, exam_opts], exam_outputs, api_name="exam", **_MODEL_QUEUE)
+
+    # ---- 对比 Compare ----------------------------------------------------------------
+    if base_backend is not None:
+        with gr.Tab("对比 Compare", id="compare", elem_id="tab-compare"):
+            with gr.Row():
+                with gr.Column(scale=2):
+                    cmp_q, cmp_opts = question_inputs("compare")
+                with gr.Column(scale=1):
+                    cmp_btn = gr.Button("两个模型作答 Answer with both", variant="primary",
+                                        elem_id="compare-submit")
+                    cmp_status = gr.Markdown(elem_id="compare-status")
+                    cmp_probs = gr.Dataframe(headers=["选项", "内容", "基座 Base", "微调 Tuned"],
+                                             datatype=["str", "str", "str", "str"],
+                                             label="选项概率 Option probabilities", interactive=False,
+                                             visible=False, elem_id="compare-probs")
+            side: dict[str, list[Any]] = {}
+            # Not equal_height: stretching the shorter column spreads its boxes apart.
+            with gr.Row():
+                for key, title in (("base", "基座模型 Base model"), ("tuned", f"微调模型 Tuned · {name}")):
+                    with gr.Column(scale=1, variant="panel"):
+                        gr.Markdown(f"### {html.escape(title)}")
+                        side[key] = [
+                            letters_box(f"compare-{key}-letters"),
+                            gr.Textbox(label="解释 Explanation", lines=3, max_lines=8, interactive=False,
+                                       elem_id=f"compare-{key}-explanation"),
+                            gr.Textbox(label="原始输出 Raw output", lines=3, max_lines=8,
+                                       interactive=False, elem_id=f"compare-{key}-raw"),
+                        ]
+
+            def compare_ui(question: str, options_text: str) -> list[Any]:
+                base_res, tuned_res = compare_handler(base_backend, backend, template, question,
+                                                      options_text, params)
+                error = base_res.error or tuned_res.error
+                if error:
+                    gr.Warning(error, duration=_TOAST_SECONDS)
+                both = base_res.scores is not None and tuned_res.scores is not None and not error
+                rows = (compare_probability_rows(tuned_res.options, base_res.scores, tuned_res.scores)
+                        if both else [])
+                out: list[Any] = [_status_markdown(base_res if base_res.error else tuned_res),
+                                  gr.Dataframe(rows, visible=both)]
+                for res in (base_res, tuned_res):
+                    out += [_letters_html(res), res.explanation, res.output]
+                return out
+
+            cmp_btn.click(compare_ui, [cmp_q, cmp_opts], [cmp_status, cmp_probs, *side["base"],
+                                                          *side["tuned"]],
+                          api_name="compare", **_MODEL_QUEUE)
 
 
 def _is_loopback(host: str) -> bool:
