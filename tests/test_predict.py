@@ -350,3 +350,21 @@ def test_prompts_longer_than_the_context_are_warned_and_marked(records, tmp_path
         predict(records, backend, tpl, out, GenerationParams(max_new_tokens=8), progress=False)
     assert f"{len(long_ids)} of 10 prompts plus up to 8 new tokens exceed the model's context of 130 tokens" in caplog.text
     assert {row["id"] for row in read_jsonl(out) if row.get("over_context")} == long_ids
+
+
+def test_conversation_outputs_are_cut_at_the_templates_end_marker(tmp_path):
+    from medtune.inference.predict import predict_conversations
+    from medtune.records import Conversation
+    from medtune.templates import conversation_template
+
+    tpl = conversation_template("instruct_zh")
+    assert tpl.reply_end.strip() == "### 结束"
+    convs = [Conversation("c1", [{"role": "user", "content": "发热三天怎么办"}]),
+             Conversation("c2", [{"role": "user", "content": "咳嗽"}])]
+    backend = FakeBackend({"发热": "多饮水，注意休息。\n### 结束\n### 指令\n新的问题"}, default="观察")
+    out = tmp_path / "p.jsonl"
+    predict_conversations(convs, backend, tpl, out, progress=False)
+    rows = {row["id"]: row for row in read_jsonl(out)}
+    assert rows["c1"]["output"] == "多饮水，注意休息。"
+    assert rows["c1"]["raw_output"] == "多饮水，注意休息。\n### 结束\n### 指令\n新的问题"
+    assert rows["c2"]["output"] == "观察" and "raw_output" not in rows["c2"]

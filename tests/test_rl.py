@@ -327,3 +327,23 @@ def test_model_reward_scores_the_ids_the_reward_model_was_trained_on(tmp_path, t
     assert json.loads((rl_dir / "data_summary.json").read_text())["prompts"] == n
     assert any("rewards/reward_model/mean" in json.loads(line)
                for line in (rl_dir / "metrics.jsonl").read_text().splitlines())
+
+
+def test_rl_prompts_render_through_the_runs_own_conversation_template(tmp_path, tiny_tokenizer):
+    import yaml
+
+    from medtune.config import load_config
+    from medtune.train.rl import build_prompt_rows
+
+    data = tmp_path / "conv.jsonl"
+    data.write_text(json.dumps({"id": "c1", "messages": [{"role": "user", "content": "发热三天"},
+                                                         {"role": "assistant", "content": "多饮水"}]},
+                               ensure_ascii=False) + "\n", encoding="utf-8")
+    own = tmp_path / "mine.yaml"  # a template file of the user's own, not a shipped name
+    own.write_text(yaml.safe_dump({"kind": "conversation", "name": "mine", "version": 1,
+                                   "user_format": "【问】{user}\n【答】"}, allow_unicode=True), encoding="utf-8")
+    cfg = load_config("src/medtune/configs/rl_grpo_exam_tiny.yaml",
+                      [f"data.train={data}", f"data.conversation_format={own}", "model.name_or_path=x"])
+    built = build_prompt_rows(cfg, tiny_tokenizer)
+    assert [r["prompt"] for r in built.rows] == ["【问】发热三天\n【答】"]
+    assert built.template.name == "mine"

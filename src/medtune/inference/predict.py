@@ -590,7 +590,8 @@ def predict_conversations(
 
     Each line: ``id, messages`` (the prompt messages as the data gave them), ``reference`` (the
     record's reply, if any), ``meta``, ``template``, ``prompt`` (as rendered, wrapping
-    included), ``output`` and ``source``. ``wrapping`` and ``csv_path`` are as in ``predict``.
+    included), ``output`` (cut at the template's end marker; ``raw_output`` keeps the text as
+    generated when that cut anything) and ``source``. ``wrapping`` and ``csv_path`` are as in ``predict``.
     """
     from medtune.data.conversations import conversation_prompt, uses_special_tokens
 
@@ -603,8 +604,12 @@ def predict_conversations(
     prompts = {r.id: conversation_prompt(r.prompt_messages, template, tokenizer)[0] for r in records}
 
     def row(rec: Any, output: str) -> dict[str, Any]:
-        return {"id": rec.id, "messages": rec.prompt_messages, "reference": rec.reply, "meta": rec.meta,
-                "template": template.name, "prompt": prompts[rec.id], "output": output}
+        # The template's end marker (e.g. "### 结束") is trained markup, not answer: it and whatever
+        # the model wrote after it are cut, and the text as generated is kept beside when they differ.
+        cleaned = template.clean_output(output) if hasattr(template, "clean_output") else output
+        line = {"id": rec.id, "messages": rec.prompt_messages, "reference": rec.reply, "meta": rec.meta,
+                "template": template.name, "prompt": prompts[rec.id], "output": cleaned}
+        return line if cleaned == output else {**line, "raw_output": output}
 
     return _run(records, prompts, row, backend, out_path, params, uses_special_tokens(template), full,
                 batch_size, progress, overwrite, "item", csv_path)

@@ -90,7 +90,7 @@ def build_prompt_rows(cfg: RunConfig, tokenizer: Any) -> PromptRows:
                                                           "(rl.reward=exam on conversations; rl.reward=model "
                                                           "needs none)"})
                 continue
-            prompt, _ = conversation_prompt(conv.prompt_messages, template.name, tokenizer)
+            prompt, _ = conversation_prompt(conv.prompt_messages, template, tokenizer)
             rows.append({"id": conv.id, "prompt": prompt, "reference": conv.reply})
     return PromptRows(rows=rows, template=template, kind=kind, rejects=rejects, n_read=n_valid + len(rejects),
                       n_beyond=n_valid - len(records), skipped=skipped)
