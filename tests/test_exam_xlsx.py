@@ -19,7 +19,6 @@ from medtune.data.exam_xlsx import (
     Question,
     QuestionParseError,
     convert_exam_xlsx,
-    evaluate_question_generation,
     format_output,
     load_instruction,
     parse_answers,
@@ -29,6 +28,7 @@ from medtune.data.exam_xlsx import (
     select_sheet,
     summary_lines,
 )
+from medtune.evaluation.text_tasks import evaluate_question_generation
 from medtune.io import DataFileError, read_jsonl
 from medtune.records import Conversation
 

@@ -236,6 +236,10 @@ BASE = ["model.name_or_path=m", "data.train=t.jsonl"]
     (["data.truncation=right"], r"data.truncation: expected one of \['middle', 'left', 'drop'\]"),
     (["data.max_source_length=512"], r"data.max_source_length: expected null or 1 <= x < data.max_length \(512\)"),
     (["data.max_target_length=0"], "data.max_target_length"),
+    # ChatGLM P-tuning v2's lengths, with max_length left at its default: say what to set
+    (["data.max_source_length=700", "data.max_target_length=196"],
+     r"data.max_source_length: expected null or 1 <= x < data.max_length \(512\), got 700; for prompts up to 700 "
+     r"and targets up to 196 tokens set data.max_length=896"),
     (["data.on_long_explanation=keep"], r"data.on_long_explanation: expected one of \['drop', 'cut'\]"),
     (["data.max_explanation_chars=-1"], "data.max_explanation_chars: expected null"),
     (["data.conversation_format=alpacca"], "data.conversation_format: expected a shipped conversation template "

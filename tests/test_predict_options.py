@@ -296,6 +296,24 @@ def test_csv_out_name_is_refused_because_the_jsonl_is_the_record(tmp_path):
     assert [row[0] for row in _read_csv(path)[1:]] == ["c2", "c1"]
 
 
+def test_csv_copy_does_not_let_spreadsheets_run_outputs_as_formulas(tmp_path):
+    """CSV injection: an output starting with = + - @ (or tab/CR) is a formula in Excel; prefix a '."""
+    formulas = {"c1": '=HYPERLINK("http://x","y")', "c2": "-1+2", "c3": "+1", "c4": "@SUM(A1)",
+                "c5": "\tx", "c6": "\r=1"}
+    convs = [Conversation(i, [{"role": "user", "content": f"q{i}"}]) for i in formulas]
+    convs.append(Conversation("c7", [{"role": "user", "content": "=2+3"}, {"role": "assistant", "content": "-1"}]))
+    out = tmp_path / "p.jsonl"
+    backend = FakeBackend({f"q{i}": text for i, text in formulas.items()}, default="正常 -1 = ok")
+    predict_conversations(convs, backend, conversation_template("plain"), out, csv_path=tmp_path / "p.csv",
+                          progress=False)
+    rows = _read_csv(tmp_path / "p.csv")
+    outputs = {row[0]: row[3] for row in rows[1:]}
+    assert outputs == {**{i: "'" + text for i, text in formulas.items()}, "c7": "正常 -1 = ok"}
+    # the data's cells too (input, reference), and the JSON lines keep the exact text
+    assert rows[-1] == ["c7", "'=2+3", "'-1", "正常 -1 = ok"]
+    assert {r["id"]: r["output"] for r in read_jsonl(out)}["c1"] == '=HYPERLINK("http://x","y")'
+
+
 def test_cli_format_csv_writes_both_files(tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "q.txt"
     data.write_text(QUESTIONS, encoding="utf-8")

@@ -22,10 +22,10 @@ from medtune.data.quality import (
     near_duplicate_pairs,
     normalise_text,
     shingles,
-    write_inspect_report,
 )
 from medtune.io import DataFileError, write_jsonl
 from medtune.records import Conversation, ExamRecord
+from medtune.report.data_report import write_inspect_report
 
 EXAMPLES = Path(medtune.__file__).parent / "examples"
 CMEXAM = EXAMPLES / "cmexam" / "val_sample.csv"
@@ -432,11 +432,16 @@ def test_load_data_reads_exam_records_from_a_json_array(tmp_path, sample_records
     assert data.records == sample_records[:3] and data.rows == [1, 2, 3]
 
 
-def test_write_inspect_report_is_the_report_modules(cmexam_stats, tmp_path):
-    from medtune.report.data_report import write_inspect_report as report_writer
+def test_data_inspect_writes_its_report_with_the_report_module_not_a_data_wrapper(tmp_path, monkeypatch, capsys):
+    """medtune.data.quality kept a write_inspect_report wrapper that only the CLI went through."""
+    import medtune.data.quality as quality
+    from medtune.cli import main
+    from medtune.report import data_report
 
-    via_quality = [p.name for p in write_inspect_report(cmexam_stats, tmp_path / "a")]
-    via_report = [p.name for p in report_writer(cmexam_stats, tmp_path / "b")]
-    assert via_quality == via_report
-    for name in via_report:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert not hasattr(quality, "write_inspect_report") and "write_inspect_report" not in quality.__all__
+    calls = []
+    real = data_report.write_inspect_report
+    monkeypatch.setattr(data_report, "write_inspect_report", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert main(["data", "inspect", str(CMEXAM), "--out", str(tmp_path / "r")]) == 0
+    assert len(calls) == 1 and (tmp_path / "r" / "inspect.md").exists()
+    assert "written: " in capsys.readouterr().out

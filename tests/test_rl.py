@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from importlib import resources
 from pathlib import Path
@@ -347,3 +348,58 @@ def test_rl_prompts_render_through_the_runs_own_conversation_template(tmp_path, 
     built = build_prompt_rows(cfg, tiny_tokenizer)
     assert [r["prompt"] for r in built.rows] == ["【问】发热三天\n【答】"]
     assert built.template.name == "mine"
+
+
+# ---- reward model: remote code only when the RL config allows it --------------------------------------
+
+
+def _rm_run_needing_remote_code(path: Path) -> Path:
+    """A finished-looking rm run directory whose config.yaml says model.trust_remote_code: true."""
+    import yaml
+
+    (path / "adapter").mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump({
+        "stage": "rm", "model": {"name_or_path": "org/custom-code-model", "trust_remote_code": True},
+        "data": {"conversation_format": "plain"}}), encoding="utf-8")
+    return path
+
+
+def test_reward_model_needing_remote_code_is_refused_unless_the_rl_config_allows_it(tmp_path, monkeypatch):
+    """load_reward_model once never passed trust_remote_code: a custom-code reward model could not load."""
+    from medtune import models
+    from medtune.config import ConfigError
+    from medtune.train import rewards
+
+    run = _rm_run_needing_remote_code(tmp_path / "rm")
+    seen: dict = {}
+
+    def fake_load(name_or_path, **kwargs):
+        seen.update(kwargs, name_or_path=name_or_path)
+        raise RuntimeError("stop: loading is not under test")
+
+    monkeypatch.setattr(models, "load_for_training", fake_load)
+    # the rm run's own config.yaml does not turn remote code on: refused before anything is read
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(run))} was trained with model.trust_remote_code=true: loading it runs "
+                                          r"Python code from org/custom-code-model; set model.trust_remote_code=true "
+                                          r"in this RL config"):
+        rewards.load_reward_model(run)
+    assert not seen
+    # the RL config allows it: passed through to the load
+    with pytest.raises(RuntimeError, match="stop"):
+        rewards.make_model_reward_fn(run, trust_remote_code=True)
+    assert seen["trust_remote_code"] is True and seen["name_or_path"] == "org/custom-code-model"
+
+
+def test_rl_train_refuses_a_remote_code_reward_model_in_one_line(tmp_path, tiny_model_dir, records_file, capsys):
+    from medtune.cli import main
+
+    run = _rm_run_needing_remote_code(tmp_path / "rm")
+    out = tmp_path / "rl"
+    rc = main(["train", str(RL_YAML), f"model.name_or_path={tiny_model_dir}", f"data.train={records_file(4)}",
+               f"train.output_dir={out}", "train.report_to=", "rl.reward=model", f"rl.reward_model={run}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    assert err.strip().splitlines()[-1] == (
+        f"medtune train: error: rl.reward_model: {run} was trained with model.trust_remote_code=true: loading it "
+        "runs Python code from org/custom-code-model; set model.trust_remote_code=true in this RL config if you "
+        "trust that code")

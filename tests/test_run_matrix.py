@@ -253,7 +253,7 @@ def _predict_cell(runs, refs, kind, data_kind, tmp_path, capsys) -> str:
     for row in rows:
         if data_kind == "conversation":
             from medtune.data.conversations import conversation_prompt
-            from medtune.inference.predict import resolve_run
+            from medtune.inference.loading import resolve_run
 
             want_prompt, special = conversation_prompt(row["messages"], resolve_run(run).template, tok)
             assert row["prompt"] == want_prompt  # the run's conversation template, not the chat template

@@ -6,6 +6,7 @@ Each run goes through the real CLI with the shipped tiny recipes, so the recipes
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -108,15 +109,48 @@ def test_pt_reads_text_and_jsonl_and_counts_what_it_leaves_out(tmp_path, tiny_to
     read = read_texts(txt)
     assert read.documents == ["发热", "咳嗽三天"] and read.blank_lines == 1
     jl = tmp_path / "a.jsonl"
-    jl.write_text('{"text": "发热"}\n{"title": "x"}\nnot json\n{"text": "  "}\n', encoding="utf-8")
+    jl.write_text('{"text": "发热"}\n\nnot json\n{"text": "  "}\n[1]\n{"text": null}\n', encoding="utf-8")
     read = read_texts(jl)
-    assert read.documents == ["发热"] and [s["line"] for s in read.skipped] == [2, 3, 4]
+    assert read.documents == ["发热"] and [s["line"] for s in read.skipped] == [3, 4, 5, 6]
+    assert read.blank_lines == 1
 
     blocks = make_blocks(["发热", "咳嗽三天"] * 5, tiny_tokenizer, 4)
     assert blocks.total_tokens == len(blocks.blocks) * 4 + blocks.dropped_tail_tokens
     assert all(len(b) == 4 for b in blocks.blocks)
     train, held = split_blocks(blocks.blocks, 0.05, seed=0)
     assert len(held) == 1 and len(train) == len(blocks.blocks) - 1
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_pt_reads_json_lines_by_their_text_field_not_as_raw_lines(tmp_path, suffix):
+    """detect places a .txt of {"text": ...} lines as pt-text; pt once trained on the braces and quotes."""
+    from medtune.data.detect import detect
+    from medtune.train.pt import read_texts
+
+    path = tmp_path / f"corpus{suffix}"
+    path.write_text('{"text": "发热三天"}\n\n{"text": "咳嗽，\\"夜间\\"加重", "source": "x"}\n', encoding="utf-8")
+    assert detect(path).format == "pt-text"
+    read = read_texts(path)
+    assert read.documents == ["发热三天", '咳嗽，"夜间"加重'] and read.blank_lines == 1 and not read.skipped
+    # a .txt of prose stays prose, even when a later line happens to be JSON
+    prose = tmp_path / "prose.txt"
+    prose.write_text('发热三天\n{"text": "x"}\n', encoding="utf-8")
+    assert read_texts(prose).documents == ["发热三天", '{"text": "x"}']
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_pt_refuses_a_json_row_without_text_naming_file_and_line(tmp_path, suffix):
+    from medtune.io import DataFileError
+    from medtune.train.pt import read_texts
+
+    path = tmp_path / f"corpus{suffix}"
+    path.write_text('{"text": "发热"}\n\n{"title": "咳嗽"}\n', encoding="utf-8")
+    with pytest.raises(DataFileError, match=rf"^{re.escape(str(path))}, row 3, field 'text': missing in a JSON row "
+                                            r"\(keys \['title'\]\)"):
+        read_texts(path)
+    path.write_text('{"text": ["发热"]}\n', encoding="utf-8")
+    with pytest.raises(DataFileError, match=r"row 1, field 'text': expected a string, got list"):
+        read_texts(path)
 
 
 # ---- rm --------------------------------------------------------------------------------------------
@@ -161,6 +195,22 @@ def test_rm_trains_and_reports_heldout_accuracy(tmp_path, tiny_model_dir):
     adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert any("score" in n for n in adapter)  # the new reward head is saved with the adapter
     _assert_base_unchanged_adapter_trained_rm(tiny_model_dir, run_dir)
+
+
+def test_rm_unknown_target_module_is_one_line_not_a_peft_traceback(tmp_path, tiny_model_dir, capsys):
+    """rm/dpo/rl once handed a wrong adapter.target_modules to peft, which failed with its own traceback."""
+    data = _preference_file(tmp_path / "pairs.jsonl", 4)
+    out = tmp_path / "rm"
+    rc = main(["train", str(CONFIGS / "rm_lora_tiny.yaml"), f"model.name_or_path={tiny_model_dir}",
+               f"data.train={data}", f"train.output_dir={out}", *QUICK, "data.val_fraction=0",
+               "adapter.target_modules=[q_proj,qproj]", "train.max_steps=1"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    # the reward model's linear layers: its score head instead of lm_head
+    assert err.strip().splitlines()[-1] == (
+        "medtune train: error: adapter.target_modules: qproj not found in the model; model_type llama has the "
+        "linear layers down_proj, gate_proj, k_proj, o_proj, q_proj, score, up_proj, v_proj (or use all-linear)")
+    assert "Traceback" not in err and not out.exists()
 
 
 def _assert_base_unchanged_adapter_trained_rm(tiny_model_dir: Path, run_dir: Path) -> None:

@@ -225,3 +225,19 @@ def test_question_generation_evaluate_with_no_well_formed_output_does_not_raise_
                  str(tmp_path / "ev")]) == 0
     printed = capsys.readouterr().out
     assert "| base (ev) | 2 | 0.00 | n/a |" in printed and "| Δ | | +100.00 | n/a |" in printed
+
+
+def test_predictions_without_any_reference_say_so(tmp_path):
+    """Symptom: PromptCBLUE test-split predictions (no targets) gave only "no rows to score"."""
+    from medtune.evaluation.text_tasks import evaluate_text
+    from medtune.io import DataFileError, write_jsonl
+
+    rows = [{"id": f"test-{i}", "prompt": "问诊对话的实体抽取：但吃奶就吐\n选项：医疗操作，症状", "reference": "",
+             "output": "上述句子中的实体包含：\n症状实体：吐", "meta": {"task_dataset": "IMCS-V2-NER",
+                                                               "answer_choices": ["医疗操作", "症状"]}}
+            for i in range(3)]
+    write_jsonl(tmp_path / "pred_test.jsonl", rows)
+    with pytest.raises(DataFileError, match=r"pred_test\.jsonl, field 'reference': none of the 3 rows has a "
+                                            r"reference text .*--task promptcblue --gold FILE"):
+        evaluate_text(tmp_path / "pred_test.jsonl", tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()

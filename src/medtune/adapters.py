@@ -34,8 +34,10 @@ into the base weights: export them with ``--adapter-only``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from typing import Any
 
 from transformers import TrainerCallback
@@ -44,18 +46,42 @@ from medtune.config import AdapterConfig, ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 
-# Default LoRA targets per architecture (config.model_type). Attention and MLP projections:
-# adapting the MLP too matters for knowledge-heavy domains such as medicine.
+# Default LoRA targets per architecture (config.model_type): every attention and MLP projection,
+# i.e. every linear layer but the LM head (and MoE routers, which are not nn.Linear); adapting the
+# MLP too matters for knowledge-heavy domains such as medicine. tests/test_architectures.py counts
+# them against the linear layers of a model of each architecture medtune.tiny_models builds.
+_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGET_MODULES: dict[str, list[str]] = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "llama": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "internlm3": _LLAMA_LIKE,
     "internlm2": ["wqkv", "wo", "w1", "w2", "w3"],
     "chatglm": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "glm4": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "glm4": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],  # fused gate+up
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],  # Phi-2: dense is the attention output
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],  # fused qkv and gate+up
     "baichuan": ["W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    # MoE: the attention projections as modules, the routed experts through TARGET_PARAMETERS.
+    # Not gate_proj/up_proj/down_proj, although DeepSeek-V3's dense layers and shared experts (and
+    # Qwen3-MoE's mlp_only_layers) are nn.Linear layers of those names: peft 0.21 rewrites those
+    # names in a LoRA config for these model types into the fused experts' target_parameters (its
+    # conversion of transformers-v4 adapters) and drops them as modules, so no LoRA config can adapt
+    # them (tests/test_architectures.py pins this); naming them would only double the experts' rank.
+    "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    # DeepSeek-V3 multi-head latent attention: low-rank q (q_a/q_b; q_proj when q_lora_rank is null)
+    # and kv (kv_a_proj_with_mqa/kv_b_proj)
+    "deepseek_v3": ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
+}
+# transformers 5 stores each MoE layer's routed experts as 3-D parameters (one slice per expert), not
+# as nn.Linear modules; peft's LoRA adapts them with ``target_parameters`` (AdaLoRA cannot).
+TARGET_PARAMETERS: dict[str, list[str]] = {
+    "qwen3_moe": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    "deepseek_v3": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
 }
 
 
@@ -70,9 +96,9 @@ def target_modules_for(model_type: str, override: list[str] | str | None = None)
 
 
 # Methods whose adapter is a weight delta that ``merge_and_unload`` can fold into the base weights.
+# (The peft types of saved adapters that cannot be merged are medtune.models.VIRTUAL_TOKEN_PEFT_TYPES,
+# next to the code that reads and merges saved adapters.)
 MERGEABLE_METHODS = ("lora", "adalora", "qlora")
-# peft types (adapter_config.json ``peft_type``) that add virtual tokens and so cannot be merged.
-VIRTUAL_TOKEN_PEFT_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
 
 
 def peft_config_for(
@@ -103,9 +129,14 @@ def peft_config_for(
 
     Raises:
         ValueError: Unknown method, or missing inputs the method needs.
+        ConfigError: A method the architecture cannot take (:func:`architecture_reason`), or LoRA
+            dropout with the routed experts of an MoE model as targets.
     """
     from peft import AdaLoraConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
 
+    reason = architecture_reason(spec.method, model_type)
+    if reason:
+        raise ConfigError(reason)
     if spec.method == "full":
         return None
     if spec.method in ("prefix", "prompt"):
@@ -142,7 +173,16 @@ def peft_config_for(
         )
 
     targets = target_modules_for(model_type, spec.target_modules)
+    # expert weights only with the default targets: a user's own target_modules say what to adapt
+    parameters = TARGET_PARAMETERS.get(model_type) if not spec.target_modules else None
     if spec.method in ("lora", "qlora"):
+        if parameters and spec.dropout:
+            # peft's ParamWrapper: "does not work with lora_dropout != 0" (x cannot be factored out
+            # of lora_B(lora_A(dropout(x))) for a 3-D weight), raised only after the weights are loaded
+            raise ConfigError(
+                f"adapter.dropout={spec.dropout}: the routed experts of model_type {model_type} are 3-D weights that "
+                "LoRA adapts through peft's target_parameters, which cannot apply dropout; set adapter.dropout=0, "
+                f"or name adapter.target_modules (e.g. {','.join(targets)}) to leave the experts frozen")
         # QLoRA is plain LoRA on top of 4-bit base weights; the quantised loading lives in
         # models.load_for_training, so the adapter config is the same.
         return LoraConfig(
@@ -151,7 +191,12 @@ def peft_config_for(
             lora_alpha=spec.alpha,
             lora_dropout=spec.dropout,
             target_modules=targets,
+            **({"target_parameters": parameters} if parameters else {}),
         )
+    if parameters:
+        log.warning("adalora: peft's AdaLoRA cannot adapt the routed experts of model_type %s (3-D weights, "
+                    "only LoRA's target_parameters can); they stay frozen, only %s are adapted",
+                    model_type, ", ".join(targets))
     if spec.method == "adalora":
         if not total_steps or total_steps < 3:
             raise ValueError(f"AdaLoRA needs the run's total optimiser steps (>= 3), got {total_steps}")
@@ -232,9 +277,64 @@ def check_target_modules(model: Any, peft_config: Any, spec: AdapterConfig) -> N
             f"adapter.target_modules: {', '.join(missing)} not found in the model{given}; model_type {model_type} "
             f"has the linear layers {', '.join(linear_layer_names(model))} (or use all-linear)"
         )
+    parameters = getattr(peft_config, "target_parameters", None) or []
+    names = [name for name, _ in model.named_parameters()]
+    absent = [p for p in parameters if not any(n == p or n.endswith("." + p) for n in names)]
+    if absent:  # a variant without routed experts in every layer still has them somewhere; none at all is wrong
+        model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
+        raise ConfigError(f"LoRA target_parameters {', '.join(absent)} (the expert weights of model_type {model_type}) "
+                          "not found in the model; name adapter.target_modules to adapt the other layers only")
 
 
-def check_method_compatibility(spec: AdapterConfig, train: TrainConfig) -> None:
+def latent_attention(model_type: str) -> bool:
+    """Whether ``model_type`` uses multi-head latent attention (its config has ``kv_lora_rank``).
+
+    DeepSeek-V2/V3 and the models built on their attention (GLM-4-MoE-Lite, MiniCPM3, Kimi, ...):
+    the cache holds one compressed latent per token, not per-head keys and values.
+    """
+    from transformers import CONFIG_MAPPING
+
+    try:
+        return hasattr(CONFIG_MAPPING[model_type](), "kv_lora_rank")
+    except Exception:  # unknown or remote-code model types: nothing known against them
+        return False
+
+
+def architecture_reason(method: str, model_type: str | None) -> str | None:
+    """Why ``method`` cannot train a model of ``model_type``; ``None`` when nothing is known against it."""
+    if method == "prefix" and model_type and latent_attention(model_type):
+        # measured (transformers 5.24, peft 0.21) on deepseek_v3, deepseek_v2, glm4_moe_lite and
+        # minicpm3: "RuntimeError: Sizes of tensors must match except in dimension 2. Expected size
+        # 4 but got size 1" in DynamicLayer.update, at the first training step
+        return (f"adapter.method=prefix does not work with model_type {model_type}: its multi-head latent attention "
+                "caches one compressed latent per token instead of per-head keys and values, and peft's prefix "
+                "tuning fills that cache with per-head key/value prefixes, whose shapes cannot match; use "
+                "adapter.method=prompt or lora")
+    return None
+
+
+def model_type_of(name_or_path: str) -> str | None:
+    """``model_type`` of a local model folder or medtune run directory (its base model); ``None`` if unknown.
+
+    Reads ``config.json`` only (no weights, no network): hub ids give ``None``.
+    """
+    import json
+    from pathlib import Path
+
+    from medtune.models import previous_run
+
+    try:
+        chained = previous_run(name_or_path)
+    except (OSError, ValueError):
+        return None  # not ours to judge here: loading the model says what is wrong
+    config = Path(chained[0] if chained else name_or_path) / "config.json"
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def check_method_compatibility(spec: AdapterConfig, train: TrainConfig, model: str | None = None) -> None:
     """Refuse method/training combinations known to fail, before any data or weights are loaded.
 
     Call this first thing in a training stage: the errors it raises are cheaper than a crash
@@ -243,12 +343,20 @@ def check_method_compatibility(spec: AdapterConfig, train: TrainConfig) -> None:
     Args:
         spec: The run's adapter section.
         train: The run's train section.
+        model: ``model.name_or_path``: with it, methods that cannot work on the model's
+            architecture (:func:`architecture_reason`) are refused too, from its ``config.json``.
+            (:func:`peft_config_for` refuses them anyway, once the model is loaded.)
 
     Raises:
-        ConfigError: ``prefix`` with ``train.gradient_checkpointing`` (a ``ValueError``, so the
-            CLI prints it as one line and exits with code 2).
+        ConfigError: ``prefix`` with ``train.gradient_checkpointing``, or a method the model's
+            architecture cannot take (a ``ValueError``, so the CLI prints it as one line and
+            exits with code 2).
         medtune.models.GPURequired: ``qlora`` on a machine without a CUDA GPU.
     """
+    if model is not None:
+        reason = architecture_reason(spec.method, model_type_of(model))
+        if reason:
+            raise ConfigError(reason)
     if spec.method == "prefix" and train.gradient_checkpointing:
         # Gradient checkpointing makes the decoder layers drop past_key_values ("Caching is
         # incompatible with gradient checkpointing ... Setting past_key_values=None"), which is
@@ -312,18 +420,101 @@ def total_optimizer_steps(n_examples: int, batch_size: int, grad_accum: int, epo
 
 
 class AdaLoraRankCallback(TrainerCallback):
-    """Call AdaLoRA's ``update_and_allocate`` after every optimiser step.
+    """Run AdaLoRA's rank schedule inside the Trainer, and make its checkpoints resumable.
 
-    Neither transformers' Trainer nor TRL does this; without it AdaLoRA's rank budget never moves
-    and it is plain LoRA with extra cost. ``on_optimizer_step`` runs after ``optimizer.step()`` and
-    before ``zero_grad()``, so the gradients AdaLoRA's importance scores need are still there.
+    Neither transformers' Trainer nor TRL calls ``update_and_allocate``; without it AdaLoRA's rank
+    budget never moves and it is plain LoRA with extra cost. ``on_optimizer_step`` runs after
+    ``optimizer.step()`` and before ``zero_grad()``, so the gradients AdaLoRA's importance scores
+    need are still there.
+
+    Checkpoints: once ranks are reallocated, peft saves an adapter trimmed to its ``rank_pattern``
+    and, on loading into a model that already has the adapter, shrinks that model's modules to the
+    *current* pattern first. Resuming (a full-rank model meets a trimmed checkpoint) and
+    ``load_best_model_at_end`` (the final pattern meets an earlier checkpoint's) both failed with
+    "size mismatch for ...lora_A". So during training the pattern lives here, not in the peft
+    config: checkpoints hold the full-rank tensors (pruned ranks are zeros in ``lora_E``, which the
+    mask sets in place), and ``adalora_state.safetensors``/``adalora_rank_pattern.json`` beside them
+    hold the pattern and the importance averages, which resuming restores. At the end of training
+    the pattern of the weights the model holds (the best checkpoint's, if one was loaded) goes back
+    into the config, so the final adapter is saved trimmed and loads with ``PeftModel.from_pretrained``.
     """
+
+    STATE_FILE = "adalora_state.safetensors"
+    PATTERN_FILE = "adalora_rank_pattern.json"
+
+    def __init__(self) -> None:
+        self.pattern: dict[str, list[bool]] | None = None
+
+    @staticmethod
+    def _parts(model: Any) -> tuple[Any, Any]:
+        peft_model = getattr(model, "module", model)  # unwrap DDP
+        tuner = peft_model.base_model
+        return tuner, peft_model.peft_config[tuner.trainable_adapter_name]
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        """Take the pattern out of the config; when resuming, restore the checkpoint's schedule state."""
+        tuner, config = self._parts(model)
+        self.pattern, config.rank_pattern = config.rank_pattern, None
+        if state.global_step > 0:  # resumed: the Trainer has loaded checkpoint-<global_step>
+            self._restore(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), tuner)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         """Reallocate ranks for the step that was just taken."""
-        peft_model = getattr(model, "module", model)  # unwrap DDP
-        # Trainer increments global_step after this hook, so the step just taken is global_step + 1.
-        peft_model.base_model.update_and_allocate(state.global_step + 1)
+        tuner, config = self._parts(model)
+        config.rank_pattern = self.pattern
+        try:
+            # Trainer increments global_step after this hook, so the step just taken is global_step + 1.
+            tuner.update_and_allocate(state.global_step + 1)
+            self.pattern = config.rank_pattern
+        finally:
+            config.rank_pattern = None
+
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        """Write the pattern and the importance averages beside the checkpoint just saved."""
+        if not state.is_world_process_zero:
+            return
+        from safetensors.torch import save_file
+
+        from medtune.io import atomic_write_text
+
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(folder):
+            return
+        allocator = self._parts(model)[0].rankallocator
+        tensors = {f"{kind}/{name}": value.detach().contiguous().cpu()
+                   for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc")
+                   for name, value in getattr(allocator, kind).items()}
+        save_file(tensors, os.path.join(folder, self.STATE_FILE))
+        atomic_write_text(os.path.join(folder, self.PATTERN_FILE), json.dumps(self.pattern))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        """Put back the pattern of the weights the model now holds, for the final save."""
+        _, config = self._parts(model)
+        pattern = self.pattern
+        if args.load_best_model_at_end and state.best_model_checkpoint:
+            pattern = self._read_pattern(state.best_model_checkpoint, pattern)
+        config.rank_pattern = pattern
+
+    def _read_pattern(self, folder: str, default: Any) -> Any:
+        path = os.path.join(folder, self.PATTERN_FILE)
+        if not os.path.exists(path):
+            return default
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+
+    def _restore(self, folder: str, tuner: Any) -> None:
+        from safetensors.torch import load_file
+
+        self.pattern = self._read_pattern(folder, self.pattern)
+        path = os.path.join(folder, self.STATE_FILE)
+        if not os.path.exists(path):
+            log.warning("%s: no %s, so AdaLoRA's importance averages restart from zero", folder, self.STATE_FILE)
+            return
+        allocator = tuner.rankallocator
+        device = next(p.device for p in tuner.model.parameters())
+        for key, value in load_file(path).items():
+            kind, name = key.split("/", 1)
+            getattr(allocator, kind)[name] = value.to(device)
 
 
 def adalora_ranks(model: Any) -> dict[str, int]:

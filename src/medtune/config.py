@@ -129,6 +129,11 @@ class TrainConfig:
     eval_accuracy: str = "none"
     eval_max_new_tokens: int = 32  # eval_accuracy=generate: tokens generated per question
     early_stopping_patience: int | None = None  # stop after N evaluations without a better metric_for_best_model
+    # Multi-process runs: seconds a process waits in a collective (all-reduce, barrier, gathering
+    # weights to save) for the others before the run fails with a timeout. It must cover the longest
+    # time one process works alone while the rest wait (rank 0 writing a checkpoint or the final
+    # model to a slow disk); 1800 is transformers' own default.
+    ddp_timeout: int = 1800
 
 
 @dataclass
@@ -217,7 +222,12 @@ class RunConfig:
                            ("data.max_target_length", d.max_target_length)):
             # a part as long as the whole would leave the other part no token
             if value is not None and not 1 <= value < d.max_length:
-                raise ConfigError(f"{key}: expected null or 1 <= x < data.max_length ({d.max_length}), got {value}")
+                # scripts that take only source and target lengths (ChatGLM's P-tuning v2) mean their sum
+                both = (d.max_source_length or 0) + (d.max_target_length or 0)
+                hint = (f"; for prompts up to {d.max_source_length} and targets up to {d.max_target_length} "
+                        f"tokens set data.max_length={both}") if d.max_source_length and d.max_target_length else ""
+                raise ConfigError(f"{key}: expected null or 1 <= x < data.max_length ({d.max_length}), "
+                                  f"got {value}{hint}")
         if d.max_explanation_chars is not None and d.max_explanation_chars < 0:
             raise ConfigError(f"data.max_explanation_chars: expected null (no limit) or a number >= 0, "
                               f"got {d.max_explanation_chars}")
@@ -255,6 +265,7 @@ class RunConfig:
             ("rl.max_completion_length", self.rl.max_completion_length),
             ("rl.temperature", self.rl.temperature),
             ("train.eval_max_new_tokens", t.eval_max_new_tokens),
+            ("train.ddp_timeout", t.ddp_timeout),
         ):
             if value <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {value}")

@@ -114,7 +114,7 @@ def export_run(
 
 
 def _virtual_token_types() -> tuple[str, ...]:
-    from medtune.adapters import VIRTUAL_TOKEN_PEFT_TYPES
+    from medtune.models import VIRTUAL_TOKEN_PEFT_TYPES
 
     return VIRTUAL_TOKEN_PEFT_TYPES
 

@@ -12,23 +12,102 @@ CPU pitfalls this module avoids (docs/STACK.md §5):
   all of the data. Only with ``ACCELERATE_USE_CPU=true`` (or ``use_cpu=True``) do they join one
   gloo process group. sft.run already sets ``use_cpu`` when there is no CUDA; the environment
   variable is set here too so the launch is right whatever the training stage does.
+
+`check_launch` refuses, before any process starts, a launch that cannot work on this machine or
+with this run config (FSDP/DeepSpeed without a GPU, more processes than GPUs, QLoRA with a
+strategy that shards the model). Several machines: docs/DISTRIBUTED.md.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 
-def _cuda_available() -> bool:
-    """Whether the children will see a GPU (torch is imported lazily: the CLI starts fast)."""
+class LaunchError(ValueError):
+    """A multi-process launch that cannot work here or with this run config; the message says why."""
+
+
+def _gpu_count() -> int:
+    """CUDA devices the children will see (torch is imported lazily: the CLI starts fast)."""
     import torch
 
-    return torch.cuda.is_available()
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def accelerate_strategy(accelerate_config: str | os.PathLike) -> tuple[str, int, int | None]:
+    """``(distributed_type, num_machines, ZeRO stage or None)`` of an accelerate config file.
+
+    Read with accelerate's own loader, so a file accelerate would reject fails here the same way.
+    ``distributed_type`` is accelerate's name: ``MULTI_GPU`` (DDP), ``FSDP``, ``DEEPSPEED``, ...
+    """
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(accelerate_config))
+    deepspeed = loaded.deepspeed_config or {}
+    return str(getattr(loaded.distributed_type, "value", loaded.distributed_type)), int(loaded.num_machines), (
+        int(deepspeed["zero_stage"]) if "zero_stage" in deepspeed else None)
+
+
+def check_launch(cfg: Any, nproc: int, accelerate_config: str | os.PathLike | None = None, *,
+                 gpus: int | None = None) -> None:
+    """Refuse a multi-process launch that cannot work, before any process starts.
+
+    Args:
+        cfg: The run config (a ``medtune.config.RunConfig``).
+        nproc: Processes asked for (``--nproc``); with an accelerate config of several machines,
+            the total over all of them, as ``accelerate launch --num_processes`` counts.
+        accelerate_config: The ``--accelerate-config`` file, if any.
+        gpus: CUDA devices on this machine (default: counted with torch).
+
+    Raises:
+        LaunchError: Saying what cannot work and what to run instead:
+
+            - FSDP or DeepSpeed without a GPU. accelerate 1.15 applies them on GPUs only: on CPU an
+              FSDP2 config trains as plain DDP without a word (FSDP1 with sync_module_states fails:
+              "There are currently no available devices found"), and DeepSpeed needs CUDA.
+            - ``adapter.method=qlora`` with FSDP or ZeRO-3: medtune places the whole 4-bit model
+              on each process's GPU (``device_map``) and does not set up the quantised storage
+              those strategies need to shard it. DDP and ZeRO-2 keep one copy per GPU and work.
+            - DeepSpeed not installed.
+            - More processes on this machine than GPUs: each process trains on a GPU of its own
+              (medtune never spreads one model over several GPUs inside a process).
+            - A process count that the machines of the accelerate config do not divide.
+    """
+    if nproc < 1:
+        raise LaunchError(f"--nproc must be >= 1, got {nproc}")
+    gpus = _gpu_count() if gpus is None else gpus
+    strategy, machines, zero_stage = "DDP", 1, None
+    where = "--nproc without --accelerate-config (DDP)"
+    if accelerate_config is not None:
+        strategy, machines, zero_stage = accelerate_strategy(accelerate_config)
+        where = f"--accelerate-config {Path(accelerate_config).name} ({strategy})"
+    if strategy in ("FSDP", "DEEPSPEED") and not gpus:
+        raise LaunchError(
+            f"{where} needs CUDA GPUs and none is visible: accelerate applies FSDP and DeepSpeed on GPUs only "
+            "(on CPU an FSDP config silently trains as plain DDP). Leave out --accelerate-config to train with DDP "
+            "over gloo on this machine; see docs/DISTRIBUTED.md")
+    if cfg.adapter.method == "qlora" and (strategy == "FSDP" or zero_stage == 3):
+        raise LaunchError(
+            f"adapter.method=qlora: {where} shards the model, and medtune loads QLoRA's 4-bit model whole onto each "
+            "process's GPU; use --nproc without --accelerate-config (DDP) or deepspeed_zero2.yaml, which keep one "
+            "copy per GPU")
+    if strategy == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        raise LaunchError(f"{where} needs DeepSpeed, which is not installed: pip install deepspeed")
+    if nproc % machines:
+        raise LaunchError(f"--nproc {nproc}: {where} has num_machines={machines}, and --nproc counts the processes "
+                          f"of all machines together; use a multiple of {machines}")
+    per_machine = nproc // machines
+    if gpus and per_machine > gpus:
+        raise LaunchError(
+            f"--nproc {nproc}: {per_machine} processes on this machine but {gpus} GPU(s) visible; each process trains "
+            "on a GPU of its own, so use at most one process per GPU")
 
 
 def _launcher(name: str) -> list[str]:
@@ -91,7 +170,7 @@ def launch_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     DDP group instead of training independently (docs/STACK.md §5).
     """
     env = dict(os.environ if base is None else base)
-    if not _cuda_available():
+    if not _gpu_count():
         env["ACCELERATE_USE_CPU"] = "true"
     env.setdefault("PYTHONUNBUFFERED", "1")  # children's logs reach the terminal as they happen
     return env

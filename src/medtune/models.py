@@ -157,59 +157,23 @@ def build_tiny_model(
     max_positions: int = 1024,
     seed: int = 0,
     initializer_range: float = 0.1,
+    arch: str = "llama",
+    tokenizer: Any = "ours",
 ) -> Path:
-    """Build a random-weight Llama-architecture model + byte-level BPE tokenizer trained on ``texts``.
+    """Build a random-weight model + tokenizer in ``out_dir`` (see ``medtune.tiny_models``).
 
-    It loads offline with ``AutoModelForCausalLM``/``AutoTokenizer`` like any hub model. The Llama
-    architecture is chosen on purpose: with ``model_type: qwen2`` transformers 5 swaps in
-    ``Qwen2Tokenizer`` and its regex pre-tokenizer, which changes the ids of our tokenizer.
-
-    ``initializer_range`` is 0.1 rather than the usual 0.02: with tied embeddings that small, a
-    random model's logits are nearly flat (entropy ≈ ln V), and LoRA, which cannot touch the
-    embeddings, then needs many times more steps before the answers it learns win the argmax.
+    The default is the tiny model medtune has always used: the Llama architecture with ChatML
+    and a byte-level BPE tokenizer trained on ``texts``. ``arch`` picks another architecture
+    (``qwen2``, ``glm4``, ``gemma3``, ``qwen3_moe``, ...: ``medtune.tiny_models.ARCHITECTURES``)
+    with its own config class and chat template; ``tokenizer`` is ``ours``, a real vocabulary
+    (``qwen2.5``, ``deepseek``), a tokenizer folder or object. It loads offline with
+    ``AutoModelForCausalLM``/``AutoTokenizer`` like any hub model, with the ids it was built with.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from medtune.tiny_models import build_tiny_model as build
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(list(texts), trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
-    )
-    tokenizer.chat_template = CHATML_TEMPLATE
-    tokenizer.save_pretrained(out)
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=max(1, num_heads // 2),
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=True,
-        initializer_range=initializer_range,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    return out
+    return build(out_dir, texts, arch=arch, tokenizer=tokenizer, vocab_size=vocab_size, hidden_size=hidden_size,
+                 num_layers=num_layers, num_heads=num_heads, max_positions=max_positions, seed=seed,
+                 initializer_range=initializer_range)
 
 
 def tokenizer_corpus(records: Iterable[Any]) -> list[str]:
@@ -296,6 +260,12 @@ def previous_run(name_or_path: str) -> tuple[str, list[str]] | None:
     return base, [*earlier, str(path / "adapter")]
 
 
+#: peft types (adapter_config.json ``peft_type``) that add virtual tokens instead of a weight delta,
+#: so they cannot be merged. Here, not in medtune.adapters, because the code that reads and merges
+#: saved adapters lives here (and medtune.adapters already imports this module: no cycle).
+VIRTUAL_TOKEN_PEFT_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+
+
 def _peft_type(adapter: str) -> str | None:
     """``peft_type`` of an adapter folder's ``adapter_config.json`` (None when unreadable)."""
     import json
@@ -315,8 +285,6 @@ def check_mergeable(adapters: list[str] | tuple[str, ...]) -> None:
     Raises:
         ValueError: Naming the adapter and what to do instead.
     """
-    from medtune.adapters import VIRTUAL_TOKEN_PEFT_TYPES
-
     for adapter in adapters:
         kind = _peft_type(adapter)
         if kind in VIRTUAL_TOKEN_PEFT_TYPES:

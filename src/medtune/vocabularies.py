@@ -36,6 +36,9 @@ QWEN25_SPECIAL_TOKENS = (
     "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
 )
 QWEN_FIRST_SPECIAL_ID = 151_643
+#: Qwen3 appends these to Qwen2.5's tokens (ids 151665…151668) as ordinary added tokens: not special,
+#: so ``skip_special_tokens`` keeps a model's reasoning block.
+QWEN3_EXTRA_TOKENS = ("<tool_response>", "</tool_response>", "<think>", "</think>")
 #: ChatML as Qwen2.5-Instruct renders it when no tools are given (default system message included).
 QWEN25_CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' %}"

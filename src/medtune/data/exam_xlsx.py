@@ -47,10 +47,10 @@ Sheet choice: an explicit ``sheet`` name wins; otherwise the first sheet whose n
 language (zh: 语文, 中文, 汉语, Chinese, or a ``zh``/``cn`` word; en: 英语, 英文, English, or an
 ``en`` word); otherwise the first sheet, with a warning.
 
-``evaluate_question_generation`` scores generated outputs of this task: the share of well-formed
-outputs (the expected number of questions, each with a stem, exactly the options A-D and one answer
-letter), the share of well-formed outputs whose every answer letter is A-D and names a non-empty
-option, and character ROUGE-L against the reference outputs.
+``parse_generated`` reads a generated output of this task back into questions, options and answer
+letters; ``medtune.evaluation.text_tasks.evaluate_question_generation`` scores outputs with it (the
+share of well-formed outputs, the share whose every answer letter is A-D and names a non-empty
+option, and ROUGE-L against the reference outputs).
 """
 
 from __future__ import annotations
@@ -84,7 +84,6 @@ __all__ = [
     "Question",
     "QuestionParseError",
     "convert_exam_xlsx",
-    "evaluate_question_generation",
     "format_output",
     "load_instruction",
     "question_prompt",
@@ -1092,72 +1091,3 @@ def parse_generated(text: str, lang: str) -> GeneratedParse:
         questions=[_generated_question(number, body, lang) for number, body in blocks],
         preamble=_tidy(preamble, lang),
     )
-
-
-def evaluate_question_generation(
-    outputs: list[str], references: list[str], lang: str, n_questions: int | None = None,
-    tokenization: str | None = None,
-) -> dict[str, Any]:
-    """Score generated question sets against reference outputs.
-
-    Every output is scored, well-formed or not: a base model that never writes the format gets
-    ``well_formed`` 0, ``answer_valid`` None (a share of nothing) and its ROUGE-L.
-
-    Args:
-        outputs: Model outputs, one per passage.
-        references: The reference outputs (``format_output`` text), same order.
-        lang: ``"zh"`` or ``"en"``.
-        n_questions: Questions an output must have to be well-formed; default: as many as its
-            reference has (4 when the reference has none that parse).
-        tokenization: ROUGE unit (``char``, ``word``, ``jieba``; see
-            ``medtune.evaluation.text_tasks``); default characters for ``zh``, words for ``en``
-            (on English, characters make unrelated texts look alike).
-
-    Returns:
-        ``{"n", "well_formed", "n_well_formed", "answer_valid", "rouge_l", "lang", "tokenization",
-        "tokenizer", "per_output"}``: ``well_formed`` is the share (× 100) of outputs with the
-        expected number of questions, each with a stem, exactly the options A-D and one answer
-        letter; ``answer_valid`` the share (× 100) of well-formed outputs whose every answer is
-        one of A-D and names a non-empty option (``None`` when no output is well-formed);
-        ``rouge_l`` the mean ROUGE-L × 100 (``medtune.evaluation.metrics.rouge_l``'s formula)
-        against the references over ``tokenization`` units (``tokenizer`` describes them);
-        ``per_output`` one diagnostics dict per output (``GeneratedParse.to_dict`` plus
-        ``expected_questions``).
-
-    Raises:
-        ValueError: Unknown ``lang`` or ``tokenization``, lengths differ, no outputs, or an
-            empty reference.
-    """
-    from medtune.evaluation.text_tasks import TOKENIZATION_LABELS, default_tokenization, text_scores
-
-    _check_lang(lang)
-    if len(outputs) != len(references):
-        raise ValueError(f"{len(outputs)} outputs but {len(references)} references")
-    if not outputs:
-        raise ValueError("no outputs to evaluate")
-    if any(not str(r or "").strip() for r in references):
-        raise ValueError("empty reference: exclude such rows before scoring")
-    unit = tokenization or default_tokenization(lang)
-    if unit not in TOKENIZATION_LABELS:
-        raise ValueError(f"unknown tokenization {unit!r}; expected one of {list(TOKENIZATION_LABELS)}")
-    per_output = []
-    for output, reference in zip(outputs, references, strict=True):
-        expected = n_questions or len(parse_generated(reference, lang).questions) or 4
-        # None (a failed generation) is an empty output: it is scored, never a crash
-        details = parse_generated(output or "", lang).to_dict(expected)
-        details["expected_questions"] = expected
-        per_output.append(details)
-    n_well = sum(1 for d in per_output if d["well_formed"])
-    n_valid = sum(1 for d in per_output if d["answer_valid"])
-    rouge = text_scores([o or "" for o in outputs], list(references), unit)
-    return {
-        "n": len(outputs),
-        "well_formed": 100.0 * n_well / len(outputs),
-        "n_well_formed": n_well,
-        "answer_valid": 100.0 * n_valid / n_well if n_well else None,
-        "rouge_l": rouge["rouge_l"],
-        "lang": lang,
-        "tokenization": unit,
-        "tokenizer": TOKENIZATION_LABELS[unit],
-        "per_output": per_output,
-    }

@@ -53,7 +53,6 @@ __all__ = [
     "near_duplicate_pairs",
     "normalise_text",
     "shingles",
-    "write_inspect_report",
 ]
 
 #: Sequence lengths (tokens) that ``inspect`` counts overlong records against.
@@ -276,7 +275,8 @@ def inspect(
         max_lengths: Token budgets to count overlong records against.
 
     Returns:
-        A JSON-ready dict (see ``write_inspect_report`` for the files made from it)::
+        A JSON-ready dict (see ``medtune.report.data_report.write_inspect_report`` for the files
+        made from it)::
 
             {"path", "kind", "source_format", "n_rows", "n_records", "n_malformed",
              "malformed": [{"row", "field", "reason"}],          # first 200
@@ -489,29 +489,6 @@ def _preference_stats(records: list[PreferencePair]) -> dict[str, Any]:
         "n_same_length": sum(1 for r in records if len(r.chosen) == len(r.rejected)),
         **_meta_stats([r.meta for r in records]),
     }
-
-
-# --------------------------------------------------------------------------------------------
-# The inspect report (written by medtune.report.data_report)
-# --------------------------------------------------------------------------------------------
-
-
-def write_inspect_report(stats: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
-    """Write ``inspect.json``, ``inspect.md`` and the PNG charts: ``medtune.report.data_report``'s.
-
-    Kept here for callers of ``medtune.data.quality.write_inspect_report``; the report and its
-    charts live in ``medtune.report`` (imported on call, so this module never loads matplotlib).
-
-    Args:
-        stats: The dict returned by ``inspect``.
-        out_dir: Directory to write into (created if needed).
-
-    Returns:
-        The paths written, JSON and Markdown first.
-    """
-    from medtune.report.data_report import write_inspect_report as write
-
-    return write(stats, out_dir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -881,6 +858,9 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "inspect":
         stats = inspect(args.path, tokenizer=args.tokenizer)
         if args.out:
+            # imported here: only writing the report loads matplotlib
+            from medtune.report.data_report import write_inspect_report
+
             for path in write_inspect_report(stats, args.out):
                 print(path, file=sys.stderr)
         stats.pop("histograms")

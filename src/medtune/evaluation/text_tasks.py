@@ -193,6 +193,78 @@ def choose_tokenization(references: list[str], lang: str = "auto",
             "tokenizer": TOKENIZATION_LABELS[tokenization]}
 
 
+def evaluate_question_generation(
+    outputs: list[str], references: list[str], lang: str, n_questions: int | None = None,
+    tokenization: str | None = None,
+) -> dict[str, Any]:
+    """Score generated question sets against reference outputs.
+
+    Every output is scored, well-formed or not: a base model that never writes the format gets
+    ``well_formed`` 0, ``answer_valid`` None (a share of nothing) and its ROUGE-L.
+
+    Args:
+        outputs: Model outputs, one per passage.
+        references: The reference outputs (``medtune.data.exam_xlsx.format_output`` text), same order.
+        lang: ``"zh"`` or ``"en"``.
+        n_questions: Questions an output must have to be well-formed; default: as many as its
+            reference has (4 when the reference has none that parse).
+        tokenization: ROUGE unit (``char``, ``word``, ``jieba``; see the module docstring);
+            default characters for ``zh``, words for ``en`` (on English, characters make
+            unrelated texts look alike).
+
+    Returns:
+        ``{"n", "well_formed", "n_well_formed", "answer_valid", "rouge_l", "lang", "tokenization",
+        "tokenizer", "per_output"}``: ``well_formed`` is the share (× 100) of outputs with the
+        expected number of questions, each with a stem, exactly the options A-D and one answer
+        letter; ``answer_valid`` the share (× 100) of well-formed outputs whose every answer is
+        one of A-D and names a non-empty option (``None`` when no output is well-formed);
+        ``rouge_l`` the mean ROUGE-L × 100 (``medtune.evaluation.metrics.rouge_l``'s formula)
+        against the references over ``tokenization`` units (``tokenizer`` describes them);
+        ``per_output`` one diagnostics dict per output
+        (``medtune.data.exam_xlsx.GeneratedParse.to_dict`` plus ``expected_questions``).
+
+    Raises:
+        ValueError: Unknown ``lang`` or ``tokenization``, lengths differ, no outputs, or an
+            empty reference.
+    """
+    # The question parser belongs to the data format; imported here so that loading the text
+    # metrics does not load openpyxl.
+    from medtune.data.exam_xlsx import parse_generated
+
+    if lang not in LANGS:
+        raise ValueError(f"lang must be one of {LANGS}, got {lang!r}")
+    if len(outputs) != len(references):
+        raise ValueError(f"{len(outputs)} outputs but {len(references)} references")
+    if not outputs:
+        raise ValueError("no outputs to evaluate")
+    if any(not str(r or "").strip() for r in references):
+        raise ValueError("empty reference: exclude such rows before scoring")
+    unit = tokenization or default_tokenization(lang)
+    if unit not in TOKENIZATION_LABELS:
+        raise ValueError(f"unknown tokenization {unit!r}; expected one of {list(TOKENIZATION_LABELS)}")
+    per_output = []
+    for output, reference in zip(outputs, references, strict=True):
+        expected = n_questions or len(parse_generated(reference, lang).questions) or 4
+        # None (a failed generation) is an empty output: it is scored, never a crash
+        details = parse_generated(output or "", lang).to_dict(expected)
+        details["expected_questions"] = expected
+        per_output.append(details)
+    n_well = sum(1 for d in per_output if d["well_formed"])
+    n_valid = sum(1 for d in per_output if d["answer_valid"])
+    rouge = text_scores([o or "" for o in outputs], list(references), unit)
+    return {
+        "n": len(outputs),
+        "well_formed": 100.0 * n_well / len(outputs),
+        "n_well_formed": n_well,
+        "answer_valid": 100.0 * n_valid / n_well if n_well else None,
+        "rouge_l": rouge["rouge_l"],
+        "lang": lang,
+        "tokenization": unit,
+        "tokenizer": TOKENIZATION_LABELS[unit],
+        "per_output": per_output,
+    }
+
+
 # ---- evaluation -----------------------------------------------------------------------------------
 
 
@@ -225,6 +297,11 @@ def evaluate_text(predictions: str | Path, out_dir: str | Path, task: str = "aut
         raise ValueError("PromptCBLUE's ROUGE uses the official tokenisation (BasicTokenizer); "
                          "leave --tokenizer out")
     scorable = [r for r in rows if str(r.get("reference") or "").strip()]
+    if not scorable:  # e.g. predictions for a test split, whose answers are not published
+        hint = (" (a test split?); score the official submission against the structured gold with "
+                "--task promptcblue --gold FILE" if task == "promptcblue" else " (a test split?)")
+        raise DataFileError(predictions, None, "reference",
+                            f"none of the {len(rows)} rows has a reference text to score against{hint}")
     results: dict[str, Any] = {"task": task, "predictions": str(predictions), "n": len(scorable),
                                "n_without_reference": len(rows) - len(scorable)}
     if task == "promptcblue":
@@ -238,8 +315,6 @@ def evaluate_text(predictions: str | Path, out_dir: str | Path, task: str = "aut
         results.update(unit)
         results.update(text_scores([str(r["output"]) for r in scorable], references, unit["tokenization"]))
     elif task == "question-generation":
-        from medtune.data.exam_xlsx import evaluate_question_generation
-
         row_lang = (scorable[0].get("meta") or {}).get("lang", "zh") if scorable else "zh"
         qg_lang = row_lang if lang == "auto" else lang
         qg = evaluate_question_generation([str(r["output"]) for r in scorable],

@@ -4,7 +4,8 @@ Predict, evaluate, chat, the server, the web demo and export all go through ``re
 (and ``load_backend`` for the weights), so they load models the same way, use the run's saved
 template, and refuse the same things with the same words. ``resolve_source`` is the cheap first
 half (paths, template, run kind, provenance, refusals; no weights read), so a command can refuse
-before loading anything.
+before loading anything. ``resolve_run`` reads what a run directory holds (``config.yaml``,
+``template.yaml``, the adapter chain) and refuses nothing but an unfinished run.
 
 What each kind of run can do (``Resolved.run_kind``):
 
@@ -33,7 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medtune.templates import ConversationTemplate, ExamTemplate, conversation_template, get_template
+import yaml
+
+from medtune.templates import (
+    ConversationTemplate,
+    ExamTemplate,
+    conversation_template,
+    get_template,
+    load_template_file,
+)
 
 #: What a command asks of a run: generate text, score exam options by log-likelihood, or export
 #: its weights (every kind of run exports).
@@ -51,6 +60,78 @@ class RawText:
 
 
 Template = ExamTemplate | ConversationTemplate | RawText
+
+
+@dataclass
+class RunArtifacts:
+    """What a training run directory holds, read from its files (no weights loaded).
+
+    ``template`` is the run's ``template.yaml``: an exam template, a conversation format, or
+    :class:`RawText` for a pt run (raw text has no prompt template).
+    """
+
+    model_path: str
+    adapter_path: str | None
+    template: Template
+    trust_remote_code: bool
+    dtype: str
+    merge_first: list[str] = field(default_factory=list)  # earlier stages' adapters, merged in order
+    stage: str = "sft"  # pt | sft | rm | dpo | rl (config.yaml)
+    method: str = "lora"  # adapter.method (config.yaml)
+
+    @property
+    def data_kind(self) -> str:
+        """What the run was trained on: ``exam``, ``conversation`` or ``text`` (pt)."""
+        return self.template.kind
+
+    @property
+    def run_kind(self) -> str:
+        """``pt``, ``rm``, ``dpo``, or ``sft``/``rl`` with the data kind (``sft-exam``, ``rl-conversation``)."""
+        return self.stage if self.stage in ("pt", "rm", "dpo") else f"{self.stage}-{self.data_kind}"
+
+
+def _read_template(run_dir: Path, stage: str) -> Template:
+    """The run's ``template.yaml``; a pt run's placeholder (``kind: none``) becomes ``RawText``."""
+    path = run_dir / "template.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir}: no template.yaml (not a finished medtune run directory)")
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    if stage == "pt" or (isinstance(data, dict) and data.get("kind") in ("none", "text")):
+        return RawText()
+    return load_template_file(path)
+
+
+def resolve_run(run_dir: str | Path) -> RunArtifacts:
+    """Base model, adapter chain (or full model), saved template and kind of a run directory.
+
+    Nothing is loaded and nothing is refused here beyond an unfinished run; what a command may do
+    with the run is decided by :func:`resolve_source`.
+
+    Raises:
+        FileNotFoundError: No config.yaml, no template.yaml, or neither adapter/ nor model/.
+    """
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
+    with open(cfg_path, encoding="utf-8") as fh:
+        cfg = yaml.safe_load(fh) or {}
+    stage = cfg.get("stage", "sft")
+    method = (cfg.get("adapter") or {}).get("method", "lora")
+    template = _read_template(run_dir, stage)
+    model = cfg["model"]
+    trust, dtype = model.get("trust_remote_code", False), model.get("dtype", "auto")
+    if (run_dir / "model").is_dir():
+        return RunArtifacts(str(run_dir / "model"), None, template, trust, dtype, stage=stage, method=method)
+    if (run_dir / "adapter").is_dir():
+        from medtune.models import previous_run
+
+        base, chain = previous_run(str(run_dir))
+        # the run's own adapter stays separate (switchable); earlier stages' are merged first
+        return RunArtifacts(base, chain[-1], template, trust, dtype, merge_first=chain[:-1], stage=stage,
+                            method=method)
+    raise FileNotFoundError(f"{run_dir}: training has not finished (no adapter/ or model/ folder)")
 
 
 @dataclass
@@ -171,7 +252,6 @@ def resolve_source(
             backend or use. Each message is one line saying why and what to do instead.
         FileNotFoundError: ``run`` is not a finished run directory.
     """
-    from medtune.inference.predict import resolve_run
     from medtune.inference.provenance import model_source
     from medtune.models import reward_model_reason
 

@@ -21,7 +21,8 @@ Also here:
   an editor shows); blank lines are skipped and counted.
 * **CSV copies** (:func:`write_predictions_csv`, ``predict --format csv``): the JSON lines stay
   the resumable source of truth; the CSV is rewritten from them, atomically, at the end of each
-  run (columns in :data:`CSV_COLUMNS`).
+  run (columns in :data:`CSV_COLUMNS`). Cells a spreadsheet would run as a formula get a leading
+  ``'`` (:func:`csv_safe_cell`); the JSON lines keep the text as generated.
 """
 
 from __future__ import annotations
@@ -33,11 +34,10 @@ import io
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm.auto import tqdm
 
 from medtune.inference.base import Backend, GenerationParams
@@ -51,83 +51,9 @@ from medtune.io import (
     read_jsonl_tolerant,
 )
 from medtune.records import Conversation, ExamRecord
-from medtune.templates import ConversationTemplate, ExamTemplate, get_template, load_template_file
+from medtune.templates import ConversationTemplate, ExamTemplate, get_template
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunArtifacts:
-    """What a training run directory holds, read from its files (no weights loaded).
-
-    ``template`` is the run's ``template.yaml``: an exam template, a conversation format, or
-    :class:`medtune.inference.loading.RawText` for a pt run (raw text has no prompt template).
-    """
-
-    model_path: str
-    adapter_path: str | None
-    template: Any  # ExamTemplate | ConversationTemplate | loading.RawText
-    trust_remote_code: bool
-    dtype: str
-    merge_first: list[str] = field(default_factory=list)  # earlier stages' adapters, merged in order
-    stage: str = "sft"  # pt | sft | rm | dpo | rl (config.yaml)
-    method: str = "lora"  # adapter.method (config.yaml)
-
-    @property
-    def data_kind(self) -> str:
-        """What the run was trained on: ``exam``, ``conversation`` or ``text`` (pt)."""
-        return self.template.kind
-
-    @property
-    def run_kind(self) -> str:
-        """``pt``, ``rm``, ``dpo``, or ``sft``/``rl`` with the data kind (``sft-exam``, ``rl-conversation``)."""
-        return self.stage if self.stage in ("pt", "rm", "dpo") else f"{self.stage}-{self.data_kind}"
-
-
-def _read_template(run_dir: Path, stage: str) -> Any:
-    """The run's ``template.yaml``; a pt run's placeholder (``kind: none``) becomes ``RawText``."""
-    from medtune.inference.loading import RawText
-
-    path = run_dir / "template.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir}: no template.yaml (not a finished medtune run directory)")
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
-    if stage == "pt" or (isinstance(data, dict) and data.get("kind") in ("none", "text")):
-        return RawText()
-    return load_template_file(path)
-
-
-def resolve_run(run_dir: str | Path) -> RunArtifacts:
-    """Base model, adapter chain (or full model), saved template and kind of a run directory.
-
-    Nothing is loaded and nothing is refused here beyond an unfinished run; what a command may do
-    with the run is decided by :func:`medtune.inference.loading.resolve_source`.
-
-    Raises:
-        FileNotFoundError: No config.yaml, no template.yaml, or neither adapter/ nor model/.
-    """
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
-    with open(cfg_path, encoding="utf-8") as fh:
-        cfg = yaml.safe_load(fh) or {}
-    stage = cfg.get("stage", "sft")
-    method = (cfg.get("adapter") or {}).get("method", "lora")
-    template = _read_template(run_dir, stage)
-    model = cfg["model"]
-    trust, dtype = model.get("trust_remote_code", False), model.get("dtype", "auto")
-    if (run_dir / "model").is_dir():
-        return RunArtifacts(str(run_dir / "model"), None, template, trust, dtype, stage=stage, method=method)
-    if (run_dir / "adapter").is_dir():
-        from medtune.models import previous_run
-
-        base, chain = previous_run(str(run_dir))
-        # the run's own adapter stays separate (switchable); earlier stages' are merged first
-        return RunArtifacts(base, chain[-1], template, trust, dtype, merge_first=chain[:-1], stage=stage,
-                            method=method)
-    raise FileNotFoundError(f"{run_dir}: training has not finished (no adapter/ or model/ folder)")
 
 
 def prediction_row(rec: ExamRecord, template: ExamTemplate, prompt: str, output: str) -> dict[str, Any]:
@@ -304,13 +230,40 @@ def default_csv_path(out_path: str | Path) -> Path:
     return out_path.with_suffix(".csv")
 
 
+#: First characters that make Excel, LibreOffice and Google Sheets read a cell as a formula (or,
+#: for tab and carriage return, that they skip before finding one): OWASP's "CSV injection" list.
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe_cell(value: str) -> str:
+    """``value`` as a spreadsheet shows it as text: a leading ``'`` when it would start a formula.
+
+    Model outputs (and data texts) are untrusted: a cell such as ``=HYPERLINK("http://x","y")``
+    or ``-1+2`` is evaluated when a grader opens the CSV in a spreadsheet program, which can
+    leak data or run commands through DDE. OWASP's remedy is to prefix such cells with a single
+    quote, which spreadsheets take as "text follows" and do not display. Every other cell is
+    written unchanged; the JSON lines always keep the exact generated text.
+
+    Args:
+        value: A cell's text.
+
+    Returns:
+        ``"'" + value`` when ``value`` starts with one of :data:`FORMULA_TRIGGERS`, else ``value``.
+    """
+    return "'" + value if value.startswith(FORMULA_TRIGGERS) else value
+
+
 def _csv_row(row: dict[str, Any], kind: str) -> list[str]:
     if kind == "exam":
         options = row.get("options") or {}
-        return [str(row.get("id", "")), row.get("question") or "",
-                "\n".join(f"{k} {v}" for k, v in options.items()), row.get("answer") or "", row.get("output") or ""]
-    users = [m.get("content", "") for m in row.get("messages") or [] if m.get("role") == "user"]
-    return [str(row.get("id", "")), users[-1] if users else "", row.get("reference") or "", row.get("output") or ""]
+        cells = [str(row.get("id", "")), row.get("question") or "",
+                 "\n".join(f"{k} {v}" for k, v in options.items()), row.get("answer") or "", row.get("output") or ""]
+    else:
+        users = [m.get("content", "") for m in row.get("messages") or [] if m.get("role") == "user"]
+        cells = [str(row.get("id", "")), users[-1] if users else "", row.get("reference") or "",
+                 row.get("output") or ""]
+    # Every cell, not only the output: questions and references come from data files of any origin.
+    return [csv_safe_cell(str(cell)) for cell in cells]
 
 
 def write_predictions_csv(out_path: str | Path, csv_path: str | Path | None = None,
@@ -320,6 +273,12 @@ def write_predictions_csv(out_path: str | Path, csv_path: str | Path | None = No
     Rows follow ``order`` (ids, e.g. the data file's), then any other rows in file order. The
     file is UTF-8 with a byte-order mark, so spreadsheet programs show Chinese text correctly,
     with CRLF row ends and quoting as RFC 4180 has it (a cell may span lines).
+
+    The copy is meant to be opened in a spreadsheet, so it is neutralised against formula
+    ("CSV") injection: a cell that starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage
+    return gets a leading ``'`` (:func:`csv_safe_cell`), so ``=HYPERLINK(...)`` or ``-1+2`` in a
+    model output is shown as text instead of being run. Such cells therefore differ from the
+    JSON lines by that one character; read the JSON lines for the exact text.
 
     Args:
         out_path: The predictions JSON lines.

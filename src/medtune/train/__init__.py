@@ -29,6 +29,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
 
     run_dir = Path(cfg.train.output_dir)
     existed = run_dir.exists()
+    common.use_local_gpu()  # before a stage loads its model: each process on its own GPU
     try:
         return import_module(STAGES[cfg.stage]).run(cfg, resume=resume)
     except Exception:

@@ -38,6 +38,10 @@ class TrainingDiverged(RuntimeError):
     """The loss or the trainable weights stopped being finite; training stopped before saving them."""
 
 
+class ParallelismError(RuntimeError):
+    """The processes of a multi-process run are not working together as the launch asked."""
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file (data provenance in env.json)."""
     h = hashlib.sha256()
@@ -166,9 +170,9 @@ def check_run_dir(cfg: RunConfig, resume: bool = True) -> tuple[Path, str | None
     saved = run_dir / "config.yaml"
     if saved.exists():
         with open(saved, encoding="utf-8") as fh:
-            previous = yaml.safe_load(fh)
-        if previous != cfg.to_dict():
-            diff = _diff(previous, cfg.to_dict())
+            previous = _compared(yaml.safe_load(fh))
+        if previous != _compared(cfg.to_dict()):
+            diff = _diff(previous, _compared(cfg.to_dict()))
             raise RunDirError(
                 f"{run_dir} holds a run with a different config ({diff}); "
                 "choose another train.output_dir or delete that directory"
@@ -185,6 +189,24 @@ def check_run_dir(cfg: RunConfig, resume: bool = True) -> tuple[Path, str | None
                 )
     checkpoint = last_complete_checkpoint(run_dir) if resume and run_dir.is_dir() else None
     return run_dir, checkpoint
+
+
+# Settings a resumed run may change: they decide how the processes wait for each other, not what
+# is trained (a run that timed out must be resumable with a longer train.ddp_timeout). A run
+# directory saved before a key existed lacks it, which compares equal too.
+_NOT_COMPARED = {"train": ("ddp_timeout",)}
+
+
+def _compared(config: Any) -> Any:
+    """``config`` (a run's config as a dict) without the settings that resuming may change."""
+    if not isinstance(config, dict):
+        return config
+    config = {section: dict(values) if isinstance(values, dict) else values for section, values in config.items()}
+    for section, keys in _NOT_COMPARED.items():
+        for key in keys:
+            if isinstance(config.get(section), dict):
+                config[section].pop(key, None)
+    return config
 
 
 def create_run_dir(run_dir: Path) -> None:
@@ -559,6 +581,60 @@ class NonFiniteGuard(TrainerCallback):
         )
 
 
+class ParallelRunCheck(TrainerCallback):
+    """Refuse, before the first step, a multi-process run that is not working as asked.
+
+    - The launcher asked for FSDP or DeepSpeed (``accelerate launch`` with such a config sets
+      ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``) and the Trainer does not use it.
+      accelerate 1.15 applies both on GPUs only: on CPU an FSDP config trains as plain DDP
+      without a word (docs/DISTRIBUTED.md).
+    - The processes start from different steps: some resumed a checkpoint that the others cannot
+      see, because ``train.output_dir`` is not one directory shared by all of them (machines each
+      with a disk of their own). They would train different states of the model together.
+    """
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Compare the strategy applied with the one asked for, and every process's starting step."""
+        import torch.distributed as dist
+
+        asked = [name for env, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED"))
+                 if os.environ.get(env, "false").lower() == "true"]
+        if asked:
+            from accelerate.state import AcceleratorState
+
+            applied = AcceleratorState().distributed_type.value
+            if applied != asked[0]:
+                raise ParallelismError(
+                    f"the launcher asked for {asked[0]} (an accelerate config with distributed_type: {asked[0]}), but "
+                    f"accelerate set up {applied}: accelerate applies FSDP and DeepSpeed on GPUs only, so this run would "
+                    f"not shard anything. Launch without --accelerate-config (plain DDP) here; see docs/DISTRIBUTED.md")
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            steps: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(steps, state.global_step)
+            if len(set(steps)) > 1:
+                raise RunDirError(
+                    f"the processes start from different steps ({', '.join(f'rank {r}: {s}' for r, s in enumerate(steps))}): "
+                    f"they do not all see the same checkpoints in train.output_dir ({args.output_dir}). Every process "
+                    "must use one shared directory (on several machines: a shared filesystem); see docs/DISTRIBUTED.md")
+
+
+def use_local_gpu() -> None:
+    """In a multi-process run on GPUs, make this process's own GPU (``LOCAL_RANK``) the current device.
+
+    The Trainer chooses each process's GPU only once it starts, after the model is loaded; loaded
+    before that, every process's copy lands on GPU 0 (``cuda`` means the current device). QLoRA's
+    4-bit model would stay there (it is placed with ``device_map`` and cannot be moved), and the
+    others would all pass through GPU 0's memory. ``medtune.train.run`` calls this before any
+    stage loads its model.
+    """
+    import torch
+
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and torch.cuda.is_available():
+        # as accelerate assigns devices: local process index modulo the GPUs visible
+        torch.cuda.set_device(int(local_rank) % torch.cuda.device_count())
+
+
 def training_arguments(cfg: RunConfig, run_dir: Path, has_val: bool) -> dict[str, Any]:
     """Keyword arguments for ``TrainingArguments`` (or a TRL config, which subclasses it).
 
@@ -600,6 +676,8 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_val: bool) -> dict[str
         logging_nan_inf_filter=False,
         dataloader_pin_memory=False,
         optim=cfg.train.optim or ("paged_adamw_8bit" if cfg.adapter.method == "qlora" else "adamw_torch"),
+        # how long a process waits in a collective for the others (the process group's timeout)
+        ddp_timeout=cfg.train.ddp_timeout,
     )
 
 
@@ -637,7 +715,7 @@ def standard_callbacks(cfg: RunConfig, run_dir: Path, has_val: bool, *,
     """The callbacks every stage uses, as configured.
 
     Answer scoring (when given), metrics log, TensorBoard, trainable-parameter count, AdaLoRA's
-    rank schedule, the metric check and early stopping, and the divergence guard.
+    rank schedule, the metric check and early stopping, the divergence guard, and the multi-process check.
 
     Args:
         cfg: The run config.
@@ -664,6 +742,7 @@ def standard_callbacks(cfg: RunConfig, run_dir: Path, has_val: bool, *,
                                            greater_is_better=not metric.endswith("loss")))
     # last, so the logs above have recorded a non-finite loss before the guard stops the run
     callbacks.append(NonFiniteGuard())
+    callbacks.append(ParallelRunCheck())  # nothing to check in one process without an accelerate config
     return callbacks
 
 
@@ -692,9 +771,16 @@ def note_resume(run_dir: Path, checkpoint: str | None) -> None:
 
 
 def save_trained(trainer: Any, tokenizer: Any, run_dir: Path, adapter: bool) -> Path:
-    """Save ``adapter/`` (PEFT) or ``model/`` (full tuning) with the tokenizer, and the trainer state."""
+    """Save ``adapter/`` (PEFT) or ``model/`` (full tuning) with the tokenizer, and the trainer state.
+
+    Call it in every process of a multi-process run: with FSDP or DeepSpeed ZeRO-3 each process
+    holds a shard of the weights, and ``save_model`` gathers them in a collective that all must join
+    (called on rank 0 alone it waits for the others until ``train.ddp_timeout``). Only the main
+    process writes files.
+    """
     out = run_dir / ("adapter" if adapter else "model")
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
-    trainer.save_state()
+    trainer.save_model(str(out))  # every process gathers; the Trainer writes on the main one only
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(out))
+        trainer.save_state()
     return out

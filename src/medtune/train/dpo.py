@@ -91,7 +91,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     import torch
     from trl import DPOConfig
 
-    from medtune.adapters import check_method_compatibility, peft_config_for
+    from medtune.adapters import check_method_compatibility, check_target_modules, peft_config_for
     from medtune.io import write_jsonl
     from medtune.models import load_for_training
     from medtune.templates import conversation_template
@@ -128,6 +128,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
 
     model, stacked = load(cfg.model.previous_adapter)
     peft_config = None if stacked else peft_config_for(cfg.adapter, model.config.model_type, total_steps)
+    check_target_modules(model, peft_config, cfg.adapter)  # one line naming the setting, not peft's traceback
     ref_model = None
     if peft_config is None:
         # Full fine-tuning (or training a stacked adapter further): disabling "the" adapter would not

@@ -1,14 +1,15 @@
 """Continued pretraining on raw domain text: config → documents → blocks → model + PEFT → train → save.
 
-Documents are tokenised (each followed by EOS so the model learns where a text ends), concatenated
-and cut into blocks of ``pt.block_size`` tokens. Every block is full, so there is no padding and
-``labels == input_ids``. The final partial block is dropped and its size written to
-``data_summary.json``. Perplexity on held-out blocks is measured before and after training.
+Documents are the lines of a plain-text file, or the ``text`` fields of JSON rows (``.jsonl``,
+``.json``, or a ``.txt`` holding JSON lines: see :func:`read_texts`). They are tokenised (each
+followed by EOS so the model learns where a text ends), concatenated and cut into blocks of
+``pt.block_size`` tokens. Every block is full, so there is no padding and ``labels == input_ids``.
+The final partial block is dropped and its size written to ``data_summary.json``. Perplexity on
+held-out blocks is measured before and after training.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -56,34 +57,71 @@ class Blocks:
 
 
 def read_texts(path: str | os.PathLike) -> TextRead:
-    """Read documents: a ``.txt`` file (one per line) or JSON lines with a ``text`` field.
+    """Read documents: plain text (one per line), or JSON rows whose ``text`` field is the document.
 
-    Blank lines are counted, not kept. JSON lines that are not objects with a non-empty string
-    ``text`` are listed in ``skipped`` so the caller can write them out.
+    The file is placed as :func:`medtune.data.detect.detect` places it, so the reader and the
+    data check agree: a ``.txt`` whose first non-blank line is a JSON object is JSON lines too
+    (``{"text": ...}`` rows are ``pt-text`` wherever they are), and is read by its ``text``
+    fields, never as raw lines with their braces and quotes. Plain text: each non-blank line,
+    stripped, is a document.
+
+    Blank lines are counted, not kept. JSON rows that are not JSON objects (invalid JSON, a list,
+    a string), or whose ``text`` is ``null`` or blank, are listed in ``skipped`` so the caller can
+    write them out.
+
+    Args:
+        path: A ``.txt``, ``.jsonl`` or ``.json`` file.
+
+    Returns:
+        The documents in file order and what was left out.
+
+    Raises:
+        DataFileError: A JSON object without a ``text`` field, or whose ``text`` is not a string
+            (naming the file and the line): such a row is data of another kind or a typo, and
+            training on the rest would quietly drop it. Also when the file is not pre-training
+            text at all (``detect`` refuses it).
     """
+    from medtune.data.detect import detect, iter_json_rows
+    from medtune.io import DataFileError
+
     path = Path(path)
-    is_jsonl = path.suffix.lower() in (".jsonl", ".json")
     out = TextRead(documents=[])
-    with open(path, encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            line = raw.strip()
-            if not line:
-                out.blank_lines += 1
-                continue
-            if not is_jsonl:
-                out.documents.append(line)
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                out.skipped.append({"line": lineno, "reason": f"invalid JSON: {exc.msg}"})
-                continue
-            text = row.get("text") if isinstance(row, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                out.skipped.append({"line": lineno, "reason": "no non-empty string field 'text'"})
-                continue
-            out.documents.append(text.strip())
+    layout = detect(path, kinds=("text",)).layout  # "text" (plain), "lines" or "array"
+    if layout == "text":
+        with open(path, encoding="utf-8") as fh:
+            for raw in fh:
+                line = raw.strip()
+                if line:
+                    out.documents.append(line)
+                else:
+                    out.blank_lines += 1
+        return out
+    for row in iter_json_rows(path):
+        if row.error is not None:
+            out.skipped.append({"line": row.row, "reason": row.error})
+            continue
+        if "text" not in row.obj:
+            raise DataFileError(path, row.row, "text", f"missing in a JSON row (keys {sorted(map(str, row.obj))}); "
+                                "pre-training reads the 'text' of every JSON row: add it or remove the row")
+        text = row.obj["text"]
+        if text is not None and not isinstance(text, str):
+            raise DataFileError(path, row.row, "text", f"expected a string, got {type(text).__name__}")
+        if text is None or not text.strip():
+            out.skipped.append({"line": row.row, "reason": "empty 'text'"})
+            continue
+        out.documents.append(text.strip())
+    if layout == "lines":
+        out.blank_lines = _blank_lines(path)
     return out
+
+
+def _blank_lines(path: Path) -> int:
+    """Blank lines of a JSON-lines file, which ``iter_json_rows`` passes over without a row."""
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        lines = fh.read().split("\n")  # split as iter_json_rows splits, so the counts agree
+    if lines and lines[-1] == "":
+        lines.pop()  # the final line feed ends the last line, it does not start another
+    return sum(1 for line in lines if not line.strip())
 
 
 def make_blocks(documents: list[str], tokenizer: Any, block_size: int) -> Blocks:

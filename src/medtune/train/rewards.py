@@ -211,7 +211,34 @@ def reward_model_config(reward_run_dir: str | Path) -> dict[str, Any]:
     return saved
 
 
-def load_reward_model(reward_run_dir: str | Path, dtype: str = "auto") -> tuple[Any, Any]:
+def check_reward_model_trust(reward_run_dir: str | Path, saved: dict[str, Any], trust_remote_code: bool) -> None:
+    """Refuse a reward model that needs remote code the RL run's own config does not allow.
+
+    The rule of :func:`medtune.inference.loading.resolve_source`: a run directory may come from
+    someone else, so its ``config.yaml`` may say which model it is, never that Python code from
+    that model's repository may run. Only the RL config, which the user wrote for this run, can
+    allow that (``model.trust_remote_code: true``).
+
+    Args:
+        reward_run_dir: The rm run directory (named in the message).
+        saved: Its ``config.yaml`` (:func:`reward_model_config`).
+        trust_remote_code: The RL run config's ``model.trust_remote_code``.
+
+    Raises:
+        ConfigError: The rm run was trained with ``model.trust_remote_code: true`` and
+            ``trust_remote_code`` is False.
+    """
+    from medtune.config import ConfigError
+
+    model = saved.get("model") or {}
+    if model.get("trust_remote_code") and not trust_remote_code:
+        raise ConfigError(
+            f"{reward_run_dir} was trained with model.trust_remote_code=true: loading it runs Python code from "
+            f"{model.get('name_or_path')}; set model.trust_remote_code=true in this RL config if you trust that code")
+
+
+def load_reward_model(reward_run_dir: str | Path, dtype: str = "auto",
+                      trust_remote_code: bool = False) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a stage-rm run directory, in eval mode.
 
     A reward-model run directory holds ``config.yaml`` (whose ``model.name_or_path`` is the base
@@ -221,22 +248,29 @@ def load_reward_model(reward_run_dir: str | Path, dtype: str = "auto") -> tuple[
     Args:
         reward_run_dir: The rm run directory.
         dtype: Model dtype name (see :func:`medtune.models.resolve_dtype`).
+        trust_remote_code: The RL run config's ``model.trust_remote_code``, passed to every load
+            (a reward model of a custom-code architecture needs it). The rm run's own
+            ``config.yaml`` never turns it on: a run that needed it is refused without it
+            (:func:`check_reward_model_trust`).
 
     Returns:
         The sequence-classification model (one logit per text) and its tokenizer.
 
     Raises:
         FileNotFoundError: When the directory is not a finished rm run.
+        ConfigError: The rm run needs remote code and ``trust_remote_code`` is False.
     """
     from medtune.models import default_device, load_for_training, load_tokenizer
 
     run_dir = Path(reward_run_dir)
     saved = reward_model_config(run_dir)
+    check_reward_model_trust(run_dir, saved, trust_remote_code)  # before any file of the model is read
     if (run_dir / "model").is_dir():  # full fine-tune: the folder is a complete seq-cls model
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(str(run_dir / "model"), num_labels=1)
-        tokenizer = load_tokenizer(str(run_dir / "model"))
+        model = AutoModelForSequenceClassification.from_pretrained(str(run_dir / "model"), num_labels=1,
+                                                                   trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(str(run_dir / "model"), trust_remote_code=trust_remote_code)
         model.to(default_device())
     elif (run_dir / "adapter").is_dir():
         from peft import PeftModel
@@ -244,11 +278,12 @@ def load_reward_model(reward_run_dir: str | Path, dtype: str = "auto") -> tuple[
         # The rm's own starting point (base model, or an sft run whose adapter gets merged), loaded
         # with a score head; the rm adapter then supplies the LoRA weights and the trained head.
         model, tokenizer, _ = load_for_training(
-            saved["model"]["name_or_path"], dtype=dtype, sequence_classification=True
+            saved["model"]["name_or_path"], dtype=dtype, trust_remote_code=trust_remote_code,
+            sequence_classification=True,
         )
         model = PeftModel.from_pretrained(model, str(run_dir / "adapter"))
         if (run_dir / "adapter" / "tokenizer_config.json").exists():
-            tokenizer = load_tokenizer(str(run_dir / "adapter"))
+            tokenizer = load_tokenizer(str(run_dir / "adapter"), trust_remote_code=trust_remote_code)
     else:
         raise FileNotFoundError(f"{run_dir}: the run has not finished (no adapter/ or model/ folder)")
     if model.config.pad_token_id is None:
@@ -284,7 +319,8 @@ def reward_model_sequence(prompt: str, completion: str, tokenizer: Any, conversa
     return scored_sequence(row, "completion", tokenizer)
 
 
-def make_model_reward_fn(reward_run_dir: str | Path, batch_size: int = 16, max_length: int = 1024) -> RewardFn:
+def make_model_reward_fn(reward_run_dir: str | Path, batch_size: int = 16, max_length: int = 1024,
+                         trust_remote_code: bool = False) -> RewardFn:
     """A TRL reward function scoring ``prompt + completion`` with a stage-rm reward model.
 
     Each pair is scored on the token ids the reward model was trained on
@@ -297,14 +333,19 @@ def make_model_reward_fn(reward_run_dir: str | Path, batch_size: int = 16, max_l
         reward_run_dir: The rm run directory (see :func:`load_reward_model`).
         batch_size: Sequences scored per forward pass.
         max_length: Longer sequences lose tokens from the left, keeping the completion.
+        trust_remote_code: The RL run config's ``model.trust_remote_code`` (see
+            :func:`load_reward_model`).
 
     Returns:
         ``f(prompts, completions, **kwargs) -> list[float]`` (the raw reward-model logit).
+
+    Raises:
+        ConfigError: The rm run needs remote code and ``trust_remote_code`` is False.
     """
     from medtune.train.rm import reward_scores
 
     fmt = (reward_model_config(reward_run_dir).get("data") or {}).get("conversation_format", "plain")
-    model, tokenizer = load_reward_model(reward_run_dir)
+    model, tokenizer = load_reward_model(reward_run_dir, trust_remote_code=trust_remote_code)
 
     def reward_model(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
         sequences = [reward_model_sequence(_as_text(p), _as_text(c), tokenizer, fmt)[-max_length:]

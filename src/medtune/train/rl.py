@@ -100,14 +100,17 @@ def check_reward_model(cfg: RunConfig) -> str | None:
     """With ``rl.reward=model``: the reward model's conversation format, once it is known to be a finished rm run.
 
     Raises:
-        ConfigError: ``rl.reward_model`` is not a finished run directory.
+        ConfigError: ``rl.reward_model`` is not a finished run directory, or was trained with
+            ``model.trust_remote_code: true`` and this RL config does not allow remote code.
     """
-    from medtune.train.rewards import reward_model_config
+    from medtune.train.rewards import check_reward_model_trust, reward_model_config
 
     if cfg.rl.reward != "model":
         return None
     try:
         saved = reward_model_config(cfg.rl.reward_model)
+        # refused here, before the policy is loaded, rather than when the reward model is
+        check_reward_model_trust(cfg.rl.reward_model, saved, cfg.model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"rl.reward_model: {exc}") from exc
     return (saved.get("data") or {}).get("conversation_format", "plain")
@@ -128,7 +131,8 @@ def reward_function(cfg: RunConfig, template: Any, kind: str) -> Any:
     from medtune.train import rewards
 
     if cfg.rl.reward == "model":
-        return rewards.make_model_reward_fn(cfg.rl.reward_model)
+        # the RL config is the user's own, so it may allow the reward model's remote code
+        return rewards.make_model_reward_fn(cfg.rl.reward_model, trust_remote_code=cfg.model.trust_remote_code)
     if kind == "exam":
         return rewards.make_exam_reward_fn(template, cfg.rl.format_bonus)
     # Conversations have no options to grade, so "exam" falls back to overlap with the reference.
@@ -160,7 +164,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     import torch
     from datasets import Dataset
 
-    from medtune.adapters import check_method_compatibility, peft_config_for
+    from medtune.adapters import check_method_compatibility, check_target_modules, peft_config_for
     from medtune.inference.virtual_tokens import use_virtual_token_generation
     from medtune.models import load_for_training
 
@@ -198,6 +202,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     # TRL wraps the model with this config itself (and, with beta > 0, uses the adapter-disabled
     # model as the reference, so no second copy of the weights is loaded).
     peft_config = None if stacked else peft_config_for(cfg.adapter, model.config.model_type, total_steps)
+    check_target_modules(model, peft_config, cfg.adapter)  # one line naming the setting, not peft's traceback
 
     # ---- trainer -----------------------------------------------------------------------------------
     common_args = {

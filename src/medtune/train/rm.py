@@ -203,7 +203,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     import torch
     from trl import RewardConfig, RewardTrainer
 
-    from medtune.adapters import check_method_compatibility
+    from medtune.adapters import check_method_compatibility, check_target_modules
     from medtune.io import write_jsonl
     from medtune.models import load_for_training
     from medtune.templates import conversation_template
@@ -237,6 +237,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
         sequence_classification=True,
     )
     peft_config = None if stacked else seq_cls_peft_config(cfg, model.config.model_type, total_steps)
+    check_target_modules(model, peft_config, cfg.adapter)  # one line naming the setting, not peft's traceback
 
     # ---- trainer -----------------------------------------------------------------------------------
     has_val = bool(val.rows)

@@ -161,8 +161,9 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     trainer.train(resume_from_checkpoint=checkpoint)
 
     # ---- save: adapter (or full model) + tokenizer + trainer state ----------------------------------
+    # every process takes part (FSDP and ZeRO-3 gather the weights from all of them); rank 0 writes
+    common.save_trained(trainer, tokenizer, run_dir, adapter=peft_config is not None or stacked)
     if trainer.is_world_process_zero():
-        common.save_trained(trainer, tokenizer, run_dir, adapter=peft_config is not None or stacked)
         final = {"global_step": trainer.state.global_step, "total_steps_planned": total_steps}
         evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
         best = trainer.state.best_model_checkpoint if cfg.train.load_best_model_at_end else None
