@@ -225,3 +225,25 @@ def test_compare_runs_on_real_evaluate_output(tmp_path):
     groups = {(d["group"], d["value"]) for d in got["comparisons"][0]["category_deltas"]}
     assert groups == {("by_annotation/Difficulty level", "1"), ("by_answer_type", "single"),
                       ("by_answer_type", "multi"), ("by_n_options", "3")}
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 1), (1, 1), (0, 5), (2, 5), (3, 6), (7, 20), (0, 30), (12, 13),
+                                      (480, 1000), (4_700, 10_000), (0, 2_000), (31_990, 68_000)])
+def test_sign_test_p_value_equals_scipy_binomtest(k, n):
+    from scipy.stats import binomtest  # the reference; medtune compare does not import scipy
+
+    from medtune.evaluation.compare import sign_test_p_value
+
+    expected = binomtest(k, n, 0.5).pvalue
+    assert sign_test_p_value(k, n) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+    assert sign_test_p_value(n - k, n) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
+def test_sign_test_hand_values():
+    from medtune.evaluation.compare import sign_test_p_value
+
+    assert sign_test_p_value(0, 5) == pytest.approx(2 / 32)  # 2 × (1/2)^5
+    assert sign_test_p_value(1, 6) == pytest.approx(2 * 7 / 64)  # 2 × (1 + 6)/64
+    assert sign_test_p_value(3, 6) == 1.0
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        sign_test_p_value(4, 3)

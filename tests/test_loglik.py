@@ -276,3 +276,104 @@ def test_acc_norm_follows_its_definition_on_sample_options_sharing_leading_token
     assert old_picks == [p["parsed"] for p in picks]
     changed = {rec.id for rec, old, p in zip(shared, old_norm_picks, picks, strict=True) if old != p["parsed_norm"]}
     assert len(changed) >= 3 and "val_sample-00033" in changed
+
+
+class KeepingTableModel(TableModel):
+    """TableModel with transformers' ``logits_to_keep``: logits only for the last k positions."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__(table)
+        self.kept: list[tuple[int, int]] = []  # (width, positions through the head) per forward
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0):
+        logits = self.table[input_ids]
+        self.kept.append((input_ids.shape[1], logits_to_keep or input_ids.shape[1]))
+        return type("Out", (), {"logits": logits[:, -logits_to_keep:] if logits_to_keep else logits})()
+
+
+def test_lm_head_runs_only_on_the_positions_read():
+    """The LM head over every prompt position was most of loglik's work at a 150k vocabulary."""
+    reqs = [([0, 1, 3, 3, 3, 1], [[2], [3]]), ([3, 3, 3, 3, 1], [[2], [4]]), ([0, 1, 2, 1], [[2, 4], [3]]),
+            ([3, 1], [[2, 4], [0]])]
+    keeping = KeepingTableModel(_table())
+    got = continuation_logprobs(keeping, reqs, pad_id=0, batch_size=8)
+    want = continuation_logprobs(TableModel(_table()), reqs, pad_id=0, batch_size=8)  # every position
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, abs=1e-6)
+    # single-token batch: contexts of 5 and 6 tokens read columns 4 and 5 → 2 of 6 columns;
+    # multi-token batch: sequences up to 6 long, the earliest read column is 1 → 5 of 6
+    assert keeping.kept == [(6, 2), (6, 5)]
+
+
+@pytest.mark.parametrize("adapter", [None, "prompt", "prefix"])
+def test_kept_logits_equal_full_logits_on_a_real_model(tiny_model_dir, tiny_tokenizer, monkeypatch, adapter):
+    """Same scores with and without ``logits_to_keep``, also when virtual tokens come first (prompt tuning)."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    from medtune.inference import hf
+    from medtune.models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir), dtype="float32", device="cpu")
+    if adapter:
+        config = (PromptTuningConfig if adapter == "prompt" else PrefixTuningConfig)(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5)
+        torch.manual_seed(0)
+        model = get_peft_model(model, config)
+    model.eval()
+    encode = lambda text: tiny_tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    reqs = [(encode("问题：胸痛沿肋间神经分布\n答案："), [encode("A"), encode("B")]),
+            (encode("问题：发热三天，体温39.5度，最可能的诊断\n答案："), [encode("C"), encode("D")]),
+            (encode("问题：不寐\n答案："), [encode("心脾两虚"), encode("肝火")])]
+    assert hf._accepts_logits_to_keep(model)
+    kept = continuation_logprobs(model, reqs, tiny_tokenizer.pad_token_id, batch_size=4)
+    monkeypatch.setattr(hf, "_accepts_logits_to_keep", lambda m: False)
+    full = continuation_logprobs(model, reqs, tiny_tokenizer.pad_token_id, batch_size=4)
+    for k, f in zip(kept, full, strict=True):
+        assert k == pytest.approx(f, abs=1e-4)
+
+
+@pytest.mark.parametrize(("arch", "mode"), [("llama", "hidden"), ("glm4", "hidden"), ("phi", "hidden"),
+                                            ("gemma3", "hidden"), ("qwen3_moe", "hidden"), ("deepseek_v3", "hidden"),
+                                            ("gemma2", "span")])  # Gemma 2 soft-caps its logits after the head
+def test_label_head_equals_full_logits_on_every_family(arch_model_dir, monkeypatch, arch, mode):
+    from medtune.inference import hf
+    from medtune.models import load_causal_lm, load_tokenizer
+
+    path = arch_model_dir(arch)
+    model, tok = load_causal_lm(str(path), dtype="float32", device="cpu").eval(), load_tokenizer(str(path))
+    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    reqs = [(encode("问题：胸痛沿肋间神经分布\n答案："), [encode("A"), encode("B"), encode("C")]),
+            (encode("问题：发热三天，体温39.5度，HBsAg阳性，最可能的诊断\n答案："), [encode("D"), encode("E")]),
+            (encode("问题：不寐\n答案："), [encode("心脾两虚"), encode("肝火扰心")])]
+    head = hf._LabelHead(model)
+    assert head.mode == mode
+    kept = continuation_logprobs(model, reqs, tok.pad_token_id, batch_size=4)
+    monkeypatch.setattr(hf, "_accepts_logits_to_keep", lambda m: False)
+    full = continuation_logprobs(model, reqs, tok.pad_token_id, batch_size=4)
+    for k, f in zip(kept, full, strict=True):
+        assert k == pytest.approx(f, abs=1e-4)
+
+
+def test_label_head_falls_back_when_the_check_fails(tiny_model_dir, tiny_tokenizer):
+    """A model whose logits are not its output embedding of the last hidden state is caught on the first batch."""
+    from medtune.inference import hf
+    from medtune.models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir), dtype="float32", device="cpu").eval()
+    original = model.forward
+
+    def scaled(input_ids=None, attention_mask=None, logits_to_keep=0, **kwargs):  # logits × 2 after the head,
+        out = original(input_ids=input_ids, attention_mask=attention_mask,  # no config attribute saying so
+                       logits_to_keep=logits_to_keep, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+    model.forward = scaled
+    head = hf._LabelHead(model)
+    assert head.mode == "hidden"
+    reqs = [([5, 6, 7, 8], [[9], [10]]), ([5, 6], [[9], [11]])]
+    got = head.log_probs([r[0] for r in reqs], [[3], [1]], tiny_tokenizer.pad_token_id, "cpu")
+    assert head.mode == "span"
+    with torch.inference_mode():
+        want = torch.log_softmax(scaled(input_ids=torch.tensor([[5, 6, 7, 8]])).logits[0, 3].float(), dim=-1)
+    assert torch.allclose(got[0][0], want, atol=1e-5)

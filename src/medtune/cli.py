@@ -344,12 +344,13 @@ def drop_identical_repeats(records: list, path: str) -> tuple[list, int]:
 # ---- evaluate ---------------------------------------------------------------------------------------
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score predictions (generate mode) or score options by log-likelihood (loglik mode)."""
-    from medtune.evaluation.evaluate import evaluate, evaluate_loglik
     from medtune.report.markdown import load_eval, results_table
 
     if args.mode == "generate":
         if not args.predictions:
             raise UsageError("give the predictions .jsonl (or --mode loglik with --data)")
+        if not Path(args.predictions).exists():  # before the metric libraries load: an error comes at once
+            raise FileNotFoundError(2, "No such file or directory", args.predictions)
         if args.gold:
             return _evaluate_against_gold(args)
         if args.task in ("auto", "promptcblue") and _is_submission(args.predictions):
@@ -366,10 +367,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.tokenizer == "word" or args.lang != "auto":
             raise UsageError("--tokenizer word and --lang are for text tasks; CMExam explanations are scored on "
                              "characters (default) or --tokenizer jieba")
+        from medtune.evaluation.evaluate import evaluate
+
         evaluate(args.predictions, args.out, parser=args.parser, template=args.template,
                  tokenizer=args.tokenizer or "char")
     else:
         from medtune.data.exam import load_exam_file
+        from medtune.evaluation.evaluate import evaluate_loglik
 
         if args.predictions or not args.data:
             raise UsageError("--mode loglik: give --data records.jsonl (and no predictions file)")

@@ -286,8 +286,7 @@ def check_convert_paths(
     """Refuse a conversion whose paths cannot work, before anything is read or written.
 
     Checked up front because a failure halfway would leave a records file without its rejects
-    (or a bare ``IsADirectoryError`` naming a temp file). A missing input is left to ``open`` so
-    that it raises ``FileNotFoundError`` as usual.
+    (or a bare ``IsADirectoryError`` naming a temp file).
 
     Args:
         input_path: The data file to convert.
@@ -297,12 +296,15 @@ def check_convert_paths(
         rejects_label: How messages name the rejects path (the CLI passes ``"--rejects"``).
 
     Raises:
+        FileNotFoundError: The input does not exist.
         DataFileError: The input is a directory.
         ValueError: An output path is the input, a directory, or below a file; or the records
             and rejects paths are the same. The message names the setting and the path.
     """
     src, out = Path(input_path), Path(out_path)
     rej = Path(rejects_path) if rejects_path is not None else default_rejects_path(out)
+    if not src.exists():  # here, not when pandas opens it: an error must not wait for that import
+        raise FileNotFoundError(2, "No such file or directory", str(src))
     if src.is_dir():
         raise DataFileError(src, None, None, "the input is a directory; expected one data file")
     for label, target, example in ((out_label, out, "records.jsonl"), (rejects_label, rej, "rejects.jsonl")):

@@ -70,7 +70,10 @@ class HFBackend:
             "max_new_tokens": params.max_new_tokens,
             "do_sample": False,
             "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": self.tokenizer.eos_token_id,
+            # the tokenizer's eos (what medtune appends to every training target) and every other
+            # token the model's generation_config ends a turn with (GLM-4's <|user|>, Phi-3's <|end|>,
+            # Gemma's <end_of_turn>, Qwen's <|endoftext|>), as transformers and vLLM stop by default
+            "eos_token_id": stop_token_ids(getattr(self, "model", None), self.tokenizer),
             # None clears a value the model's generation_config may set, and avoids transformers'
             # "flag ignored in greedy mode" warnings; the sampler below applies ours.
             "temperature": None,
@@ -156,6 +159,19 @@ class HFBackend:
             return len(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
+def stop_token_ids(model: Any, tokenizer: Any) -> int | list[int] | None:
+    """Ids that end generation: the tokenizer's eos, then the model's ``generation_config`` eos ids.
+
+    One id is returned as an int (as ``generate`` is usually given it), several as a list.
+    """
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for token in configured if isinstance(configured, (list, tuple)) else [configured]:
+        if isinstance(token, int) and token not in ids:
+            ids.append(token)
+    return ids[0] if len(ids) == 1 else (ids or None)
+
+
 def model_context_length(model: Any) -> int | None:
     """The longest sequence the model was built for (``max_position_embeddings`` or the like)."""
     config = getattr(model, "config", None)
@@ -166,6 +182,90 @@ def model_context_length(model: Any) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+class _LabelHead:
+    """Log-probabilities at chosen columns only: the LM head never runs over a whole prompt.
+
+    With a 150k-token vocabulary the LM head over every prompt position is most of a scorer's
+    work and memory (16 questions × 200 positions in fp32 is 1.9 GB of logits). Three ways, the
+    first that is exact for the model:
+
+    ``hidden``: one forward with ``logits_to_keep=1`` and ``output_hidden_states``, then the
+    model's own output embedding applied to the final hidden state at exactly the columns read
+    (one per question for answer letters). Exact only where logits are ``lm_head(final hidden
+    state)`` with nothing after it, so it is refused for configs that scale or cap logits and,
+    on the first batch, checked: the last column of the longest row must give the model's own
+    logits, else the next way is used from then on.
+    ``span``: ``logits_to_keep`` = the columns from the earliest one read to the end (batches
+    are sorted by length, so the span is short).
+    ``full``: every column, for models whose forward takes no ``logits_to_keep``.
+
+    Columns are input columns; a prompt-tuning adapter's virtual tokens come first in the model's
+    outputs and are skipped by counting from the end.
+    """
+
+    # config attributes that change logits after the LM head (Gemma 2's soft capping, Cohere's
+    # logit_scale, Granite's logits_scaling): the model's own logits must be used there
+    _POST_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.output_embeddings = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        config = getattr(base, "config", None)
+        text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+        post_head = any(getattr(text_config, name, None) not in (None, 1, 1.0) for name in self._POST_HEAD)
+        if not _accepts_logits_to_keep(model):
+            self.mode = "full"
+        elif self.output_embeddings is None or post_head:
+            self.mode = "span"
+        else:
+            self.mode = "hidden"
+        self.checked = False
+
+    def log_probs(self, seqs: list[list[int]], columns: list[list[int]], pad_id: int,
+                  device: Any) -> list[torch.Tensor]:
+        """Per row, ``[len(columns[r]), vocab]`` log-probabilities at its input columns."""
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        if self.mode == "hidden":
+            out = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=1, output_hidden_states=True)
+            hidden = out.hidden_states[-1][:, -width:]
+            if not self.checked:
+                self.checked = True
+                longest = max(range(len(seqs)), key=lambda r: len(seqs[r]))  # its last column is width - 1
+                mine = self.output_embeddings(hidden[longest, width - 1]).float()
+                if not torch.allclose(mine, out.logits[longest, -1].float(), rtol=1e-3, atol=1e-3):
+                    self.mode = "span"
+                    return self.log_probs(seqs, columns, pad_id, device)
+            rows = torch.tensor([r for r, cols in enumerate(columns) for _ in cols], device=hidden.device)
+            cols = torch.tensor([c for cols in columns for c in cols], device=hidden.device)
+            picked = torch.log_softmax(self.output_embeddings(hidden[rows, cols]).float(), dim=-1)
+            return list(picked.split([len(c) for c in columns]))
+        first = min(min(cols) for cols in columns)
+        kept = width - first if self.mode == "span" else width
+        extra = {"logits_to_keep": kept} if self.mode == "span" else {}
+        logits = self.model(input_ids=ids, attention_mask=mask, **extra).logits[:, -kept:]
+        offset = width - kept  # input column c is kept column c - offset
+        return [torch.log_softmax(logits[r, [c - offset for c in cols]].float(), dim=-1)
+                for r, cols in enumerate(columns)]
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the (base) model's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 @torch.inference_mode()
@@ -194,37 +294,28 @@ def continuation_logprobs(
     fast_set = set(fast)
     slow = [(i, j) for i, (_, conts) in enumerate(requests) if i not in fast_set for j in range(len(conts))]
 
-    def forward(seqs: list[list[int]]) -> torch.Tensor:
-        """Log-probabilities ``[batch, width, vocab]``; row r's token t is predicted at t - 1."""
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        # prompt tuning returns the virtual tokens' positions first: keep the input's positions
-        return torch.log_softmax(logits[:, -width:].float(), dim=-1)
+    head = _LabelHead(model)
 
     fast.sort(key=lambda i: len(requests[i][0]))
     for start in range(0, len(fast), batch_size):
         chunk = fast[start : start + batch_size]
-        logprobs = forward([requests[i][0] for i in chunk])
-        for row, i in enumerate(chunk):
-            last = logprobs[row, len(requests[i][0]) - 1]
-            results[i] = [float(last[c[0]]) for c in requests[i][1]]
+        # a single-token candidate is predicted at the context's last column
+        rows = head.log_probs([requests[i][0] for i in chunk], [[len(requests[i][0]) - 1] for i in chunk],
+                              pad_id, device)
+        for logprobs, i in zip(rows, chunk, strict=True):
+            results[i] = [float(logprobs[0, c[0]]) for c in requests[i][1]]
 
     slow.sort(key=lambda ij: len(requests[ij[0]][0]) + len(requests[ij[0]][1][ij[1]]))
     partial: dict[int, dict[int, float]] = {}
     for start in range(0, len(slow), batch_size):
         chunk = slow[start : start + batch_size]
-        logprobs = forward([requests[i][0] + requests[i][1][j] for i, j in chunk])
-        for row, (i, j) in enumerate(chunk):
-            first, cont = len(requests[i][0]), requests[i][1][j]
-            # continuation token k sits at column first + k and is predicted at column first + k - 1
-            picked = logprobs[row, first - 1 : first - 1 + len(cont)].gather(
-                1, torch.tensor(cont, device=logprobs.device)[:, None])
-            partial.setdefault(i, {})[j] = float(picked.sum())
+        # continuation token k sits at column first + k and is predicted at column first + k - 1
+        columns = [list(range(len(requests[i][0]) - 1, len(requests[i][0]) - 1 + len(requests[i][1][j])))
+                   for i, j in chunk]
+        rows = head.log_probs([requests[i][0] + requests[i][1][j] for i, j in chunk], columns, pad_id, device)
+        for logprobs, (i, j) in zip(rows, chunk, strict=True):
+            cont = torch.tensor(requests[i][1][j], device=logprobs.device)
+            partial.setdefault(i, {})[j] = float(logprobs.gather(1, cont[:, None]).sum())
     for i, scores in partial.items():
         results[i] = [scores[j] for j in range(len(requests[i][1]))]
     return [r if r is not None else [] for r in results]
