@@ -129,3 +129,16 @@ def test_cli_exam_mode_through_a_pty(tiny_run):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_an_empty_reply_is_said_as_the_web_demo_says_it():
+    """Symptom: a reply of only newlines showed a bare '模型> ' (the web demo said the model produced no text)."""
+    from medtune.inference.chat import EMPTY_REPLY
+
+    backend = FakeBackend({"发烧": "\n\n"}, default="好的")
+    out = io.StringIO()
+    chat = TerminalChat(backend, get_template("qa"), GenerationParams(), read=_script(["发烧怎么办", "再问", "/exit"]),
+                        out=out)
+    assert chat.run() == 0
+    assert f"\n\n{EMPTY_REPLY}\n" in out.getvalue() and "模型> 好的\n" in out.getvalue()
+    assert chat.history[1] == {"role": "assistant", "content": "\n\n"}  # the history keeps what was generated

@@ -167,7 +167,7 @@ def test_compare_runs_writes_json_and_markdown(eval_dirs, tmp_path):
     # (b) McNemar numbers and the one-sentence reading.
     assert "Paired questions: 9 (only in base: 1, only in tuned: 2" in md
     assert ("tuned fixes 6 questions base got wrong and breaks 1 it got right; p = 0.125 (exact McNemar); "
-            "accuracy on the 9 questions both answered: 22.22 → 77.78.") in md
+            "accuracy on the 9 questions both runs scored (matched by id; no answer counts as wrong): 22.22 → 77.78.") in md
     assert "| 1 | 1 | 6 | 1 | 0.125 | 2.286 |" in md  # both, only A, only B, neither, p, χ²cc
     # A delta row.
     assert "| by_annotation/Disease Group | 循环系统疾病 | 4 | 25.00 | 75.00 | +50.00 |" in md

@@ -80,9 +80,21 @@ def test_cli_summary_lang_and_prompt(tmp_path, capsys):
     assert not (tmp_path / "x.jsonl").exists()
 
 
+def test_cli_auto_on_a_summary_file_is_the_summary_converter(tmp_path, capsys):
+    """Symptom: convert auto put English dialogues under the Chinese prompt without the summary converter's warning."""
+    data = _jsonl(tmp_path / "d.jsonl", [EN_DIALOGUE])
+    assert main(["convert", "auto", str(data), "--out", str(tmp_path / "zh.jsonl")]) == 0
+    assert capsys.readouterr().err == (
+        "medtune convert: warning: 1 of 1 dialogues look English (e.g. d-00001) but the prompt is Chinese "
+        "(--lang zh); pass --lang en or --prompt FILE\n")
+    assert main(["convert", "auto", str(data), "--lang", "en", "--out", str(tmp_path / "en.jsonl")]) == 0
+    record = json.loads((tmp_path / "en.jsonl").read_text(encoding="utf-8"))
+    assert record["messages"][0]["content"].startswith("Read the doctor-patient dialogue below")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["alpaca", "--lang", "en"], "--lang applies to exam-xlsx and summary only, not alpaca"),
-    (["auto", "--prompt", "p.txt"], "--prompt applies to exam-xlsx and summary only, not auto; name the format"),
+    (["auto", "--sheet", "英语"], "--sheet applies to exam-xlsx only, not summary"),  # auto found a summary file
     (["summary", "--sheet", "英语"], "--sheet applies to exam-xlsx only, not summary"),
 ])
 def test_cli_refuses_options_a_format_would_ignore(tmp_path, capsys, argv, message):

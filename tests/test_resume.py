@@ -43,6 +43,9 @@ def test_killed_run_resumes(tmp_path, tiny_model_dir, records_file):
     # rerun the same command: resumes from the last complete checkpoint
     rerun = subprocess.run(_train_cmd(tiny_model_dir, data, out), env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+    # said on the console, not only in a debug log: the rerun must not look like a fresh start
+    assert f"resuming from {out / f'checkpoint-{done_before}'} (step {done_before}); the steps after it are redone" \
+        in rerun.stdout
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == MAX_STEPS
     assert (out / "adapter" / "adapter_model.safetensors").exists()

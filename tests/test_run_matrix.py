@@ -492,6 +492,17 @@ def test_export(runs, refs, kind, capsys):
     MATRIX[kind, "export"] = "merged causal LM; logits = reference"
 
 
+def test_adapter_only_export_of_a_chained_run_is_refused(runs, capsys):
+    """Symptom: rl-exam's adapter exported alone loaded on the bare base and reproduced 0 of 48 answers."""
+    run, out = runs["rl"], runs["work"] / "export-rl-adapter-only"
+    want = (f"{run} was trained on top of earlier stages ({runs['pt']}, {runs['sftc']}, {runs['dpo']}), whose "
+            "adapters are merged into the base first; its adapter alone on the base model would not reproduce the "
+            "run. Export it merged (without --adapter-only), or export the previous stage merged (medtune export "
+            f"{runs['dpo']} --out BASE) and load this run's adapter on BASE")
+    assert _refused(["export", str(run), "--adapter-only", "--out", str(out)], capsys) == f"medtune export: error: {want}"
+    assert not out.exists()
+
+
 def loaded_kind(kind: str) -> str:
     return {"sft-exam-prefix": "sft-exam", "sft-conversation": "sft-conversation", "rl": "rl-conversation"}.get(
         kind, kind)

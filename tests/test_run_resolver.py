@@ -99,8 +99,12 @@ def test_a_reward_model_is_refused_however_it_is_named(dirs, tmp_path):
     exported = tmp_path / "exported-rm"
     exported.mkdir()
     (exported / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
-    with pytest.raises(ValueError, match=r"is a sequence-classification model \(LlamaForSequenceClassification"):
+    with pytest.raises(ValueError, match=r"is a sequence-classification model \(LlamaForSequenceClassification") as err:
         resolve_source(model=str(exported))
+    # an export is loaded as it is, not exported again
+    assert str(err.value).endswith("or load it with AutoModelForSequenceClassification")
+    with pytest.raises(ValueError, match=r"rm is a reward model \(stage rm\).*or export it \(medtune export "):
+        resolve_source(model=str(dirs["rm"]))
     with pytest.raises(ValueError, match=r"rm/adapter is a reward-model adapter \(peft task SEQ_CLS\)"):
         resolve_source(model="some/base-model", adapter=str(dirs["rm"] / "adapter"))
     with pytest.raises(ValueError, match=r"rm is a reward model \(stage rm\)"):
@@ -190,3 +194,23 @@ def test_webui_tabs_by_kind():
     history = [{"role": "user", "content": "旧的"}, {"role": "assistant", "content": "旧回复"}]
     list(app.chat_handler(backend, history, "发热的原因", PARAMS, RawText()))
     assert backend.calls[-1][0] == "发热的原因"  # raw text: earlier turns are not sent
+
+
+def test_an_export_prompts_with_its_runs_template(tmp_path):
+    """Symptom: predict --model EXPORT used the default 'plain' format where the run was trained with 'chat'."""
+    from medtune.inference.loading import EXPORT_INFO
+    from medtune.templates import conversation_template, get_template
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / EXPORT_INFO).write_text(json.dumps({"format": "merged"}))
+    conversation_template("chat").save(export / "template.yaml")
+    assert resolve_source(model=str(export), kind="conversation").template.name == "chat"
+    # the caller's --template wins; data of another kind gets that kind's default, as for any model
+    assert resolve_source(model=str(export), kind="conversation", template="alpaca").template.name == "alpaca"
+    assert resolve_source(model=str(export), kind="exam").template.name == "qa"
+    # an exam export likewise, and a plain model folder is not an export
+    get_template("analysis_first").save(export / "template.yaml")
+    assert resolve_source(model=str(export), kind="exam").template.name == "analysis_first"
+    (export / EXPORT_INFO).unlink()
+    assert resolve_source(model=str(export), kind="exam").template.name == "qa"

@@ -19,7 +19,7 @@ SAMPLE = Path(__file__).resolve().parents[1] / "src" / "medtune" / "examples" / 
 
 
 def _prediction_rows(records: list[dict], outputs: list[str]) -> list[dict]:
-    return [{**r, "template": "qa", "prompt": r["question"], "output": out} for r, out in zip(records, outputs)]
+    return [{**r, "template": "qa", "prompt": r["question"], "output": out} for r, out in zip(records, outputs, strict=True)]
 
 
 @pytest.fixture(scope="module")

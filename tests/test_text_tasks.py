@@ -241,3 +241,25 @@ def test_predictions_without_any_reference_say_so(tmp_path):
                                             r"reference text .*--task promptcblue --gold FILE"):
         evaluate_text(tmp_path / "pred_test.jsonl", tmp_path / "eval")
     assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("task", ["question-generation", "text"])
+def test_rows_in_two_languages_are_refused_not_scored_by_the_first_rows_language(tmp_path, task):
+    """Symptom: the same 4 question-generation rows scored 11.85 (char) in one order and 6.48 (word) reversed."""
+    from medtune.evaluation.text_tasks import evaluate_text
+    from medtune.io import DataFileError, write_jsonl
+
+    zh = {"reference": "患者发热三天，伴咳嗽，诊断为上呼吸道感染。", "output": "患者发热，咳嗽。"}
+    en = {"reference": "The patient had a fever for three days with a cough.", "output": "Fever and cough."}
+    rows = [{"id": f"r{i}", "prompt": "p", **pair,
+             **({"meta": {"lang": "zh" if pair is zh else "en", "task": "question-generation"}}
+                if task == "question-generation" else {})}
+            for i, pair in enumerate([zh, zh, en, en])]
+    for order in (rows, rows[::-1]):
+        write_jsonl(tmp_path / "mixed.jsonl", order)
+        with pytest.raises(DataFileError, match=r"2 rows in en and 2 rows in zh \(.*\): a ROUGE unit fits one "
+                                                r"language .*pass --lang or --tokenizer"):
+            evaluate_text(tmp_path / "mixed.jsonl", tmp_path / "eval", task=task)
+    # told which unit to use, it scores every row on it
+    results = evaluate_text(tmp_path / "mixed.jsonl", tmp_path / "eval", task=task, lang="zh")
+    assert results["n"] == 4

@@ -113,6 +113,8 @@ def test_load_best_model_at_end_saves_the_best_checkpoint_by_eval_accuracy(best_
     assert Path(results["best_model_checkpoint"]).name == "checkpoint-4"
     assert results["best_metric"] == 0.75 and results["eval_accuracy"] == 0.75 and results["step"] == 4
     assert results["global_step"] == 8
+    # and the console says which weights were saved (they are not the last step's)
+    assert "best checkpoint: checkpoint-4 (eval_accuracy 0.75); the saved weights are its" in best_run.stdout
 
 
 @pytest.mark.slow

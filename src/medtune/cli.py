@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -44,6 +45,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     # written without its rejects. Messages name the option to change.
     check_convert_paths(args.input, args.out, rejects, out_label="--out",
                         rejects_label="--rejects" if args.rejects else "rejects file (default; set --rejects)")
+    if args.format == "auto" and Path(args.input).suffix.lower() in (".jsonl", ".json"):
+        from medtune.data.detect import detect
+
+        try:
+            if detect(args.input).format == "summary":
+                # the summary converter's own path, so its prompt-language check speaks for auto too
+                # (English dialogues under the default Chinese prompt were converted without a word)
+                args.format = "summary"
+        except ValueError:
+            pass  # not a recognisable file: the converter below says what is wrong with it
     if args.on_invalid is None:
         args.on_invalid = "skip" if args.format == "exam-xlsx" else "error"
     # These options shape the records of some formats only; anywhere else they would be ignored
@@ -177,6 +188,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             run_dir = run(cfg, resume=False)
     else:
         run_dir = run(cfg, resume=not args.no_resume)
+    results = Path(run_dir) / "train_results.json"
+    best = json.loads(results.read_text(encoding="utf-8")).get("best_model_checkpoint") if results.exists() else None
+    if best:  # the saved weights are this checkpoint's, not the last step's
+        final = json.loads(results.read_text(encoding="utf-8"))
+        print(f"best checkpoint: {Path(best).name} ({final['metric_for_best_model']} {final['best_metric']:.4g}); "
+              "the saved weights are its")
     print(f"run directory: {run_dir}")
     return 0
 

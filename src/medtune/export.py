@@ -24,9 +24,9 @@ from typing import Any
 
 import yaml
 
-log = logging.getLogger(__name__)
+from medtune.inference.loading import EXPORT_INFO  # one name for the file, where exports are read back
 
-EXPORT_INFO = "medtune_export.json"
+log = logging.getLogger(__name__)
 
 
 class ExportError(ValueError):
@@ -82,6 +82,15 @@ def export_run(
     if adapter_only and art.adapter_path is None:
         raise ExportError(f"{run_dir} is a full fine-tune (model/ folder, no adapter); "
                           "export it without --adapter-only")
+    if adapter_only and art.merge_first:
+        # The run's adapter was trained on the base with the earlier stages' adapters merged in; on
+        # the bare base model it computes something else, silently (0 of 48 answers reproduced).
+        earlier = ", ".join(str(Path(a).parent) for a in art.merge_first)
+        raise ExportError(
+            f"{run_dir} was trained on top of earlier stages ({earlier}), whose adapters are merged into the base "
+            "first; its adapter alone on the base model would not reproduce the run. Export it merged (without "
+            f"--adapter-only), or export the previous stage merged (medtune export {Path(art.merge_first[-1]).parent} "
+            "--out BASE) and load this run's adapter on BASE")
     if not adapter_only and peft_type in _virtual_token_types():
         raise ExportError(
             f"{run_dir} was trained with {peft_type} (adapter.method={run_cfg['adapter']['method']}), "

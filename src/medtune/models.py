@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,14 @@ from typing import Any
 import torch
 
 log = logging.getLogger(__name__)
+
+# peft 0.21 checks a loaded config's rank_pattern against the LoRA modules it injects and warns that
+# AdaLoRA's keys ("...q_proj.lora_E") "did not match any targeted module and were ignored". They are
+# not LoRA rank overrides: AdaLoRA applies them itself when loading, resizing each module to its kept
+# ranks (tests/test_adalora.py loads them with the ranks of the checkpoint). medtune sets rank_pattern
+# only for AdaLoRA, so the warning is always this false alarm; every adapter load goes through here.
+warnings.filterwarnings("ignore", message=r"The following rank_pattern keys did not match any targeted module",
+                        category=RuntimeWarning)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

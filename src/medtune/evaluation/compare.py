@@ -210,7 +210,8 @@ def _reading(test: dict[str, Any], label_a: str, label_b: str) -> str:
     return (
         f"{label_b} fixes {_questions(test['b_only'])} {label_a} got wrong and breaks "
         f"{test['a_only']} it got right; p {_fmt_p(test['p_value'])} (exact McNemar); "
-        f"accuracy on the {_questions(n)} both answered: {acc_a:.2f} → {acc_b:.2f}."
+        f"accuracy on the {_questions(n)} both runs scored (matched by id; no answer counts as wrong): "
+        f"{acc_a:.2f} → {acc_b:.2f}."
     )
 
 
@@ -316,7 +317,7 @@ def compare_runs(
     """Compare evaluation directories; write ``comparison.json`` and ``comparison.md``.
 
     The first directory is the baseline A; every other run B is compared with it on the
-    questions both answered (matched by id): McNemar's test, accuracy change per category,
+    questions both runs scored (matched by id): McNemar's test, accuracy change per category,
     and before/after answers for questions B fixed and broke.
 
     Args:

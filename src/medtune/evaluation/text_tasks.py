@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -311,10 +312,15 @@ def evaluate_text(predictions: str | Path, out_dir: str | Path, task: str = "aut
         results["tokenizer"] = PROMPTCBLUE_TOKENIZER
     elif task == "text":
         references = [r["reference"] for r in scorable]
+        if lang == "auto" and tokenization is None:
+            _refuse_mixed_languages(predictions, [detect_lang([ref]) for ref in references], "detected from the references")
         unit = choose_tokenization(references, lang, tokenization)
         results.update(unit)
         results.update(text_scores([str(r["output"]) for r in scorable], references, unit["tokenization"]))
     elif task == "question-generation":
+        if lang == "auto":  # each row's meta.lang decides its format and ROUGE unit: one per file
+            _refuse_mixed_languages(predictions, [(r.get("meta") or {}).get("lang", "zh") for r in scorable],
+                                    "meta.lang")
         row_lang = (scorable[0].get("meta") or {}).get("lang", "zh") if scorable else "zh"
         qg_lang = row_lang if lang == "auto" else lang
         qg = evaluate_question_generation([str(r["output"]) for r in scorable],
@@ -329,6 +335,21 @@ def evaluate_text(predictions: str | Path, out_dir: str | Path, task: str = "aut
     write_jsonl(out_dir / "scored.jsonl", rows)
     atomic_write_json(out_dir / "results.json", results)
     return results
+
+
+def _refuse_mixed_languages(predictions: str | Path, langs: list[str], source: str) -> None:
+    """Refuse a file whose rows are in several languages: one ROUGE unit would be wrong for some rows.
+
+    Scoring took the first row's language for all of them, so the same rows scored 11.85 (char) in
+    one order and 6.48 (word) in the other.
+    """
+    counts = Counter(langs)
+    if len(counts) > 1:
+        found = " and ".join(f"{n} rows in {lang}" for lang, n in sorted(counts.items()))
+        raise DataFileError(predictions, None, None,
+                            f"{found} ({source}): a ROUGE unit fits one language (characters for zh, words for en); "
+                            "evaluate each language's rows separately, or pass --lang or --tokenizer to score all "
+                            "rows on one unit")
 
 
 def read_submission_rows(path: str | Path) -> list[dict[str, Any]]:

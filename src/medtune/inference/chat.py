@@ -70,6 +70,9 @@ def reply_prompt(messages: list[dict[str, str]], template: Any, tokenizer: Any) 
 # Without a chat template, free chat is a 用户/助手 transcript, and a base model happily writes the
 # user's next turn too; the reply ends where that turn would start.
 PLAIN_CHAT_STOP = "\n用户："
+#: Shown (not stored in the history) when a reply has no visible text, by the terminal chat and the web demo
+#: alike: an empty line would look like a hang or a display fault.
+EMPTY_REPLY = "（模型没有生成文字 · the model produced no text）"
 
 
 def reply_stops(template: Any, add_special_tokens: bool) -> tuple[str, ...]:

@@ -61,6 +61,9 @@ class RawText:
 
 Template = ExamTemplate | ConversationTemplate | RawText
 
+#: What ``medtune export`` writes beside the weights (here, where exports are read back).
+EXPORT_INFO = "medtune_export.json"
+
 
 @dataclass
 class RunArtifacts:
@@ -171,9 +174,11 @@ class Loaded:
 def reward_model_refusal(where: str, reason: str, use: str = "generate") -> str:
     """The one-line refusal for a reward model asked to generate (or to score exam options)."""
     extra = (", and it has no language-model head to score answer options with" if use == "loglik" else "")
+    # a run directory can be exported; a model folder (e.g. an export) already loads that way
+    load = (f"export it (medtune export {where} --out DIR) to load it with AutoModelForSequenceClassification"
+            if (Path(where) / "config.yaml").exists() else "load it with AutoModelForSequenceClassification")
     return (f"{where} {reason}: a reward model scores text, it does not generate{extra}; use it as rl.reward_model "
-            f"of an rl stage (rl.reward=model), or export it (medtune export {where} --out DIR) to load it with "
-            "AutoModelForSequenceClassification")
+            f"of an rl stage (rl.reward=model), or {load}")
 
 
 def pt_refusal(where: str, kind: str, use: str = "generate") -> str:
@@ -278,8 +283,12 @@ def resolve_source(
             model, reason = adapter, "is a reward-model adapter (peft task SEQ_CLS)"
         if reason:
             raise ValueError(reward_model_refusal(model, reason, use))
-        tpl = (conversation_template(template or "plain") if kind == "conversation"
-               else get_template(template or "qa"))
+        exported = None if template else _exported_template(adapter or model, kind)
+        if exported is not None:  # a medtune export keeps its run's template: the run's prompts, not a default's
+            tpl = exported
+        else:
+            tpl = (conversation_template(template or "plain") if kind == "conversation"
+                   else get_template(template or "qa"))
         model_path, adapter_path, merge_first = model, adapter, []
         if (Path(model) / "config.yaml").exists():  # a run directory's weights, with the caller's template
             if adapter:
@@ -297,6 +306,21 @@ def resolve_source(
     source = model_source(model_path, adapter_path, merge_first, dtype=dtype, backend=backend, run=run)
     return Resolved(model_path, adapter_path, list(merge_first), tpl, name, dtype, trust_remote_code, backend,
                     source, run_kind)
+
+
+def _exported_template(folder: str, kind: str | None) -> Template | None:
+    """The ``template.yaml`` a ``medtune export`` folder carries, when it fits ``kind``; else ``None``.
+
+    Without it, ``predict --model EXPORT`` prompted with the default template instead of the one the
+    run was trained with (6 of 8 answers of an exported chat run changed).
+    """
+    path = Path(folder)
+    if not (path / EXPORT_INFO).exists() or not (path / "template.yaml").exists():
+        return None
+    saved = _read_template(path, "sft")
+    if isinstance(saved, RawText) or (kind is not None and saved.kind != kind):
+        return None  # a pt export, or data of another kind: the caller's default applies, as for any model
+    return saved
 
 
 def _check_trust(where: str, wanted: bool, given: bool, model_path: str) -> None:

@@ -13,7 +13,14 @@ from dataclasses import replace
 from typing import Any, TextIO
 
 from medtune.inference.base import GenerationParams
-from medtune.inference.chat import answer_exam, keeps_history, parse_exam_text, reply_prompt, reply_stops
+from medtune.inference.chat import (
+    EMPTY_REPLY,
+    answer_exam,
+    keeps_history,
+    parse_exam_text,
+    reply_prompt,
+    reply_stops,
+)
 
 COMMANDS_HELP = "commands: /reset clears the history · /compare TEXT asks base and tuned model · /exit quits"
 HELP = COMMANDS_HELP + "\nexam mode: paste the question, then one option per line (A 胸肌劳损 …), then an empty line"
@@ -116,7 +123,7 @@ class TerminalChat:
         for piece in backend.stream(prompt, params, add_special_tokens=special):
             reply += piece
             self.say(piece, end="")
-        self.say()
+        self.say("" if reply.strip() else EMPTY_REPLY)
         # /compare answers do not enter the conversation; raw-text continuation has none
         if backend is self.backend and keeps_history(self.template):
             self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]

@@ -767,7 +767,9 @@ def note_resume(run_dir: Path, checkpoint: str | None) -> None:
     """When resuming, drop log lines past the checkpoint (the steps will be redone)."""
     if checkpoint:
         trim_metrics_log(run_dir / "metrics.jsonl", checkpoint_step(checkpoint))
-        log.info("resuming from %s", checkpoint)
+        if int(os.environ.get("RANK", "0")) == 0:  # once, not once per process
+            # said on the console: a rerun after a crash must not look like a fresh start
+            print(f"resuming from {checkpoint} (step {checkpoint_step(checkpoint)}); the steps after it are redone")
 
 
 def save_trained(trainer: Any, tokenizer: Any, run_dir: Path, adapter: bool) -> Path:

@@ -98,7 +98,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     from medtune.train.rm import load_pairs, preference_rows, require_pairs
 
     loss_type = check_loss_type(cfg.preference.loss_type)
-    check_method_compatibility(cfg.adapter, cfg.train)
+    check_method_compatibility(cfg.adapter, cfg.train, cfg.model.name_or_path)
     common.check_trainer_names(cfg)
 
     # ---- run directory: checked now, created once the data is known to be usable ---------------

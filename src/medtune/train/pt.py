@@ -184,11 +184,13 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    from medtune.adapters import check_target_modules, peft_config_for
+    from medtune.adapters import check_method_compatibility, check_target_modules, peft_config_for
     from medtune.data.detect import detect
     from medtune.io import write_jsonl
     from medtune.models import load_for_training
 
+    # ---- checks that must fail before anything is loaded (e.g. QLoRA without a GPU) -----------
+    check_method_compatibility(cfg.adapter, cfg.train, cfg.model.name_or_path)
     # ---- run directory: checked now, created once the data is known to be usable ---------------
     common.check_trainer_names(cfg)
     run_dir, checkpoint = common.check_run_dir(cfg, resume=resume)

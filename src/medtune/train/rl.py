@@ -169,7 +169,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     from medtune.models import load_for_training
 
     # ---- checks that must fail before anything is loaded (e.g. QLoRA without a GPU) -----------
-    check_method_compatibility(cfg.adapter, cfg.train)
+    check_method_compatibility(cfg.adapter, cfg.train, cfg.model.name_or_path)
     common.check_trainer_names(cfg)
     # the run directory is checked now but created only once the data is known to be usable
     run_dir, checkpoint = common.check_run_dir(cfg, resume=resume)

@@ -211,7 +211,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     if cfg.adapter.method in ("prefix", "prompt"):
         raise ConfigError(f"adapter.method: stage rm supports lora, adalora, qlora or full (the score head must "
                           f"train), got {cfg.adapter.method!r}")
-    check_method_compatibility(cfg.adapter, cfg.train)
+    check_method_compatibility(cfg.adapter, cfg.train, cfg.model.name_or_path)
     common.check_trainer_names(cfg)
 
     # ---- run directory: checked now, created once the data is known to be usable ---------------

@@ -31,7 +31,7 @@ def run(cfg: RunConfig, resume: bool = True) -> Path:
     from medtune.train.label_head import LabelHeadTrainer, label_head_applies
 
     # ---- checks that must fail before anything is loaded (e.g. QLoRA without a GPU) -----------
-    check_method_compatibility(cfg.adapter, cfg.train)
+    check_method_compatibility(cfg.adapter, cfg.train, cfg.model.name_or_path)
     common.check_trainer_names(cfg)
     # the run directory is checked now but created only once the data is known to be usable
     run_dir, checkpoint = common.check_run_dir(cfg, resume=resume)

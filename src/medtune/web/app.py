@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from medtune.inference.base import GenerationParams
 from medtune.inference.chat import (
+    EMPTY_REPLY,
     answer_exam,
     keeps_history,
     option_scores,
@@ -50,7 +51,6 @@ EXAMPLES = [
 ]
 
 # Shown for a reply with no text, so the user sees the turn ended; never sent back to the model.
-EMPTY_REPLY = "（模型没有生成文字 · the model produced no text）"
 
 # Every event that runs a model shares one queue slot. The tuned and base backends usually share
 # one set of weights (HFBackend.base() switches the adapter off for the duration of a call), so
