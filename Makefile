@@ -19,8 +19,10 @@ venv: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/medtune quickstart --out runs/quickstart
 
+# Two workers for the two cores of the CI machine (one torch thread each: tests/conftest.py); whole
+# files per worker, since some files check a matrix their own tests fill in.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

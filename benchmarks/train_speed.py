@@ -1,16 +1,21 @@
 """Training throughput: medtune's SFT path vs a plain transformers ``Trainer`` + peft LoRA.
 
-Both train the locally built tiny model on the shipped CMExam sample with identical settings
-(template ``qa``, max_length 512, batch 4, LoRA r=8, 1 epoch, random sampling) on the identical
-tokenised, prompt-masked examples. The baseline pads every batch to its longest example with
+Both train on the shipped CMExam sample with identical settings (template ``qa``, max_length 512,
+batch 4, LoRA r=8 on every projection, 1 epoch, random sampling) on the identical tokenised,
+prompt-masked examples. The baseline pads every batch to its longest example with
 ``DataCollatorForSeq2Seq``, as a plain Trainer recipe does; medtune's path is ``sft.run`` itself.
+Each training runs in a fresh process, so its peak RSS is its own.
+
+``--vocab qwen2.5`` trains a random-init Qwen2 (hidden 256, 4 layers, tied embeddings) with the
+real Qwen2.5 vocabulary (151,680 rows), where the LM head and the cross-entropy are most of the
+work and memory; the default is the tiny Llama with our 3,000-token tokenizer.
 
 Reported: non-padding tokens per second of training (``train_runtime`` from the Trainer), their
-ratio, and the training loss (``train_loss``, a mean per label token) of each, so a speed-up that
-changed what is optimised would show up as a different loss.
+ratio, peak RSS, and the training loss (``train_loss``, a mean per label token) of each, so a
+speed-up that changed what is optimised would show up as a different loss.
 
     OMP_NUM_THREADS is forced to 1 (one core per run, so the figure is not a thread-count lottery).
-    .venv/bin/python benchmarks/train_speed.py [--records 300] [--repeats 3]
+    .venv/bin/python benchmarks/train_speed.py [--vocab qwen2.5] [--records 300] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -34,54 +39,59 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
-def main() -> None:
-    """Build the tiny model, run both trainings alternately, print the medians."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--records", type=int, default=300, help="CMExam sample rows to train on")
-    ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating (median shown)")
-    args = ap.parse_args()
+def prepare(args: argparse.Namespace) -> dict:
+    """Build the model and the records file once; the children read them."""
+    from medtune.data.cmexam import read_cmexam
+    from medtune.io import write_jsonl
+    from medtune.models import build_tiny_model, tokenizer_corpus
+    from medtune.quickstart import sample_path
+
+    work = Path(tempfile.mkdtemp(prefix="medtune-train-speed-"))
+    records = read_cmexam(sample_path(), on_invalid="skip").records
+    if args.vocab == "ours":
+        model_dir = build_tiny_model(work / "model", tokenizer_corpus(records))
+    else:
+        model_dir = build_tiny_model(work / "model", tokenizer_corpus(records), arch="qwen2", tokenizer="qwen2.5",
+                                     hidden_size=256, num_layers=4, num_heads=4)
+    write_jsonl(work / "train.jsonl", [r.to_dict() for r in records[: args.records]])
+    return {"work": str(work), "model": str(model_dir)}
+
+
+def child(args: argparse.Namespace) -> None:
+    """One training (``--child plain|ours``) in this process; prints one JSON line."""
+    import resource
 
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from medtune.adapters import peft_config_for
+    from medtune.adapters import model_type_of, peft_config_for
     from medtune.config import load_config
-    from medtune.data.cmexam import read_cmexam
+    from medtune.data.exam import load_exam_file
     from medtune.data.sft import IGNORE_INDEX, build_sft_examples
-    from medtune.io import write_jsonl
-    from medtune.models import build_tiny_model, load_causal_lm, load_tokenizer, tokenizer_corpus
-    from medtune.quickstart import config_path, sample_path
+    from medtune.models import load_causal_lm, load_tokenizer
+    from medtune.quickstart import config_path
     from medtune.templates import get_template
     from medtune.train import sft
 
-    work = Path(tempfile.mkdtemp(prefix="medtune-train-speed-"))
-    records = read_cmexam(sample_path(), on_invalid="skip").records
-    train = records[: args.records]
-    model_dir = build_tiny_model(work / "tiny", tokenizer_corpus(records))
-    write_jsonl(work / "train.jsonl", [r.to_dict() for r in train])
-
+    work, model_dir = Path(args.work), args.model
+    train, _ = load_exam_file(work / "train.jsonl")
     cfg = load_config(config_path("quickstart"), [
         f"model.name_or_path={model_dir}", f"data.train={work / 'train.jsonl'}",
         f"train.output_dir={work / 'run'}", "train.epochs=1", f"train.batch_size={args.batch_size}",
-        f"data.max_length={args.max_length}", "data.template=qa", "adapter.r=8",
+        f"data.max_length={args.max_length}", "data.template=qa", "adapter.r=8", "model.dtype=float32",
         "data.val_fraction=0",  # every record trains, as in the baseline (no held-out split)
         "train.report_to=none", "train.save_steps=100000", "train.logging_steps=100000",
-        # length-grouped batches: little padding (the knob exists; its default is False today)
-        "train.group_by_length=true",
+        "train.group_by_length=true", *args.override,
     ])
-    tokenizer = load_tokenizer(str(model_dir))
+    tokenizer = load_tokenizer(model_dir)
     examples = build_sft_examples(train, get_template("qa"), tokenizer, args.max_length).examples
     tokens = sum(len(e["input_ids"]) for e in examples)
-    label_tokens = sum(sum(1 for t in e["labels"] if t != IGNORE_INDEX) for e in examples)
-
-    def plain_trainer() -> tuple[float, float]:
-        """The baseline: a textbook Trainer + peft LoRA run, padding each batch to its longest."""
+    labels = sum(sum(1 for t in e["labels"] if t != IGNORE_INDEX) for e in examples)
+    if args.child == "plain":
         torch.manual_seed(cfg.train.seed)
-        model = get_peft_model(load_causal_lm(str(model_dir), dtype="float32"),
-                               peft_config_for(cfg.adapter, "llama"))
+        model = get_peft_model(load_causal_lm(model_dir, dtype="float32"),
+                               peft_config_for(cfg.adapter, model_type_of(model_dir) or "llama"))
         trainer = Trainer(
             model=model,
             args=TrainingArguments(
@@ -96,32 +106,70 @@ def main() -> None:
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
         )
         metrics = trainer.train().metrics
-        return tokens / metrics["train_runtime"], metrics["train_loss"]
+        runtime, loss = metrics["train_runtime"], metrics["train_loss"]
+    else:
+        from medtune.train.common import overwriting
 
-    def medtune_sft() -> tuple[float, float]:
-        """medtune's path: config → records → template → tokenise/mask → sft.run's Trainer."""
-        run_dir = sft.run(cfg, resume=False)
+        with overwriting(cfg.train.output_dir):
+            run_dir = sft.run(cfg, resume=False)
         logs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         summary = next(r for r in logs if "train_runtime" in r)
-        shutil.rmtree(run_dir)  # the next repeat starts clean (same config, no resume)
-        return tokens / summary["train_runtime"], summary["train_loss"]
+        runtime, loss = summary["train_runtime"], summary["train_loss"]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
+    print(json.dumps({"tokens_per_s": tokens / runtime, "loss": loss, "peak_gib": peak, "tokens": tokens,
+                      "labels": labels, "examples": len(examples)}))
 
-    print(f"torch threads {torch.get_num_threads()}; {len(examples)} examples, {tokens} non-pad tokens, "
-          f"{label_tokens} label tokens; batch {args.batch_size}, max_length {args.max_length}, "
-          f"LoRA r={cfg.adapter.r}, 1 epoch", flush=True)
-    plain_trainer()  # warm-up: the first training in a process pays one-off costs (kernels, allocator)
-    runs: dict[str, list[tuple[float, float]]] = {"plain": [], "ours": []}
+
+def main() -> None:
+    """Build the model, run both trainings alternately (each in its own process), print the medians."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=300, help="CMExam sample rows to train on")
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating (median shown)")
+    ap.add_argument("--vocab", choices=["ours", "qwen2.5"], default="ours")
+    ap.add_argument("--override", action="append", default=[], help="key=value for medtune's run (e.g. adapter.method=full)")
+    ap.add_argument("--child", choices=["plain", "ours"], help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    import subprocess
+    import sys
+
+    made = prepare(args)
+    common = [sys.executable, __file__, "--work", made["work"], "--model", made["model"],
+              "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
+              *[f"--override={o}" for o in args.override]]
+
+    def once(kind: str) -> dict:
+        done = subprocess.run([*common, "--child", kind], capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    runs: dict[str, list[dict]] = {"plain": [], "ours": []}
     for i in range(args.repeats):  # alternate, so drift in machine speed hits both alike
-        runs["plain"].append(plain_trainer())
-        runs["ours"].append(medtune_sft())
-        print(f"  repeat {i + 1}: plain {runs['plain'][-1][0]:.0f} tok/s, "
-              f"medtune {runs['ours'][-1][0]:.0f} tok/s", flush=True)
-    plain = statistics.median(s for s, _ in runs["plain"])
-    ours = statistics.median(s for s, _ in runs["ours"])
-    print(f"  medtune SFT path        {ours:10.0f} tokens/s   train_loss {runs['ours'][0][1]:.6f}")
-    print(f"  plain Trainer + peft    {plain:10.0f} tokens/s   train_loss {runs['plain'][0][1]:.6f}")
-    print(f"  ratio                   {ours / plain:10.2f}x   (median of {args.repeats})")
-    shutil.rmtree(work, ignore_errors=True)
+        runs["plain"].append(once("plain"))
+        runs["ours"].append(once("ours"))
+        print(f"  repeat {i + 1}: plain {runs['plain'][-1]['tokens_per_s']:.0f} tok/s, "
+              f"medtune {runs['ours'][-1]['tokens_per_s']:.0f} tok/s", flush=True)
+    first = runs["ours"][0]
+    print(f"{args.vocab} vocabulary; {first['examples']} examples, {first['tokens']} non-pad tokens, "
+          f"{first['labels']} label tokens; batch {args.batch_size}, max_length {args.max_length}, 1 thread")
+    plain = statistics.median(r["tokens_per_s"] for r in runs["plain"])
+    ours = statistics.median(r["tokens_per_s"] for r in runs["ours"])
+    peak_plain = max(r["peak_gib"] for r in runs["plain"])
+    peak_ours = max(r["peak_gib"] for r in runs["ours"])
+    print(f"  medtune SFT path        {ours:10.0f} tokens/s   peak RSS {peak_ours:5.2f} GiB   "
+          f"train_loss {runs['ours'][0]['loss']:.6f}")
+    print(f"  plain Trainer + peft    {plain:10.0f} tokens/s   peak RSS {peak_plain:5.2f} GiB   "
+          f"train_loss {runs['plain'][0]['loss']:.6f}")
+    print(f"  ratio                   {ours / plain:10.2f}x   (median of {args.repeats}); "
+          f"peak RSS {peak_ours / peak_plain:.2f}x")
+    shutil.rmtree(made["work"], ignore_errors=True)
 
 
 if __name__ == "__main__":

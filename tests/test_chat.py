@@ -135,10 +135,14 @@ def test_an_empty_reply_is_said_as_the_web_demo_says_it():
     """Symptom: a reply of only newlines showed a bare '模型> ' (the web demo said the model produced no text)."""
     from medtune.inference.chat import EMPTY_REPLY
 
-    backend = FakeBackend({"发烧": "\n\n"}, default="好的")
     out = io.StringIO()
-    chat = TerminalChat(backend, get_template("qa"), GenerationParams(), read=_script(["发烧怎么办", "再问", "/exit"]),
-                        out=out)
+    chat = TerminalChat(FakeBackend({"发烧": "\n\n"}), get_template("qa"), GenerationParams(),
+                        read=_script(["发烧怎么办", "/exit"]), out=out)
     assert chat.run() == 0
-    assert f"\n\n{EMPTY_REPLY}\n" in out.getvalue() and "模型> 好的\n" in out.getvalue()
+    assert f"模型> \n\n{EMPTY_REPLY}\n" in out.getvalue()
     assert chat.history[1] == {"role": "assistant", "content": "\n\n"}  # the history keeps what was generated
+    out = io.StringIO()
+    chat = TerminalChat(FakeBackend(default="好的"), get_template("qa"), GenerationParams(),
+                        read=_script(["再问", "/exit"]), out=out)
+    assert chat.run() == 0
+    assert "模型> 好的\n" in out.getvalue() and EMPTY_REPLY not in out.getvalue()

@@ -230,7 +230,7 @@ def test_fsdp_launched_on_cpu_is_refused_by_every_process(tmp_path, tiny_model_d
     refusal = ("medtune train: error: the launcher asked for FSDP (an accelerate config with distributed_type: "
                "FSDP), but accelerate set up MULTI_CPU")
     assert err.count(refusal) == 2, err[-3000:]
-    assert not out.exists()  # refused before the first checkpoint: the half-made run directory is removed
+    assert not out.exists(), sorted(str(p.relative_to(out)) for p in out.rglob("*"))  # refused before the first checkpoint: the half-made run directory is removed
 
 
 @pytest.mark.skipif(DEEPSPEED_INSTALLED, reason="shows what happens without DeepSpeed")

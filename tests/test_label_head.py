@@ -46,7 +46,7 @@ def _losses_and_grads(model, batch):
     expected.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    got = label_head_loss(model, batch)
+    got = label_head_loss(model, batch, chunk=7)  # ~70 label positions: 10 pieces of the LM head
     got.backward()
     have = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
@@ -115,7 +115,7 @@ def test_same_loss_and_gradients_on_every_architecture(arch_model_dir, arch):
         assert any("experts" in name for name in want)
 
 
-@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3", "phi"])  # phi: its LM head has a bias
 def test_same_loss_and_gradients_in_full_fine_tuning(arch_model_dir, arch):
     from medtune.models import load_causal_lm
 
@@ -171,3 +171,25 @@ def test_training_chooses_the_label_head_only_where_exact(arch_model_dir, record
         f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.report_to=none", "adapter.dropout=0"])
     run(cfg)
     assert bool(calls) is label_head
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 512])
+def test_linear_cross_entropy_in_pieces_equals_the_whole(chunk):
+    """Loss and gradients (hidden, weight, bias) of the piecewise head equal cross_entropy(linear(...))."""
+    from medtune.train.label_head import linear_cross_entropy_sum
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    want = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum") * 0.37
+    want.backward()
+    expected = [hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
+    hidden.grad = head.weight.grad = head.bias.grad = None
+    got = linear_cross_entropy_sum(hidden, head, targets, chunk) * 0.37
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    for have, grad in zip([hidden.grad, head.weight.grad, head.bias.grad], expected, strict=True):
+        torch.testing.assert_close(have, grad, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # evaluation: the loss only, no gradient work
+        assert linear_cross_entropy_sum(hidden, head, targets, chunk).item() == pytest.approx(want.item() / 0.37, rel=1e-6)

@@ -6,27 +6,15 @@ and merged only by an explicit export (``medtune export``).
 Which method works with which architecture
 ------------------------------------------
 
-"Measured" means exercised by ``tests/test_methods.py`` on the tiny Llama model (CPU, fp32,
-transformers 5 / peft 0.21); everything else is what the peft and model documentation state and
-has *not* been run here.
-
-============  ====================================  ==================================================
-method        measured (tiny Llama, GQA 4q/2kv)      other architectures (from docs, not measured)
-============  ====================================  ==================================================
-lora          trains, merges, exports               any model with the ``TARGET_MODULES`` names
-                                                    (Qwen2/3, Mistral, InternLM2, ChatGLM, GLM-4,
-                                                    Baichuan's fused ``W_pack``) or ``all-linear``
-adalora       trains, ranks move, merges            as lora
-qlora         CPU: refused before loading weights   as lora, on CUDA with bitsandbytes (4-bit NF4)
-prompt        trains, generates (batched, cached)    any decoder: only the input embeddings are used
-prefix        trains, generates; needs              needs the model to accept ``past_key_values`` as
-              gradient_checkpointing off            a transformers ``Cache``; peft sizes the prefix by
-                                                    ``num_key_value_heads`` (GQA). ChatGLM-6B/GLM
-                                                    remote code ships its own P-tuning v2
-                                                    (``pre_seq_len``), which peft does not drive;
-                                                    Baichuan remote code expects tuple caches
-full          trains (no adapter)                   any
-============  ====================================  ==================================================
+Measured, not taken from documentation: ``tests/test_arch_matrix.py`` trains every method (lora,
+adalora, prefix, prompt, full) on a tiny random model of each architecture ``medtune.tiny_models``
+builds (Llama, Llama-3, Qwen2/3, GLM-4, Phi-2, Phi-3, Mistral, Gemma 2/3, InternLM3, Qwen3-MoE,
+DeepSeek-V3) and checks generation, log-likelihood, export and the server on each; the README's
+"Architectures" table is its result. Refused before loading, with the reason: prefix tuning on
+multi-head latent attention (:func:`architecture_reason`), QLoRA without a CUDA GPU, prefix with
+gradient checkpointing. Remote-code checkpoints (ChatGLM-6B, Baichuan, InternLM2) are not run here:
+their ``TARGET_MODULES`` come from the peft documentation, and ChatGLM ships its own P-tuning v2
+(``pre_seq_len``), which peft does not drive.
 
 prefix and prompt adapters add virtual tokens instead of a weight delta, so they cannot be merged
 into the base weights: export them with ``--adapter-only``.

@@ -199,9 +199,19 @@ def run_distributed(
         extra_train_args: Further ``medtune train`` flags for every child.
         env: Base environment (default: this process's); the CPU switch is added to it.
     """
+    from medtune.config import load_config
+    from medtune.train.common import discard_unfinished_run_dir
+
+    run_dir = Path(load_config(config_path, list(overrides)).train.output_dir)
+    existed = run_dir.exists()
     cmd = launch_command(config_path, overrides, nproc, accelerate_config, extra_train_args=extra_train_args)
     print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
     try:
-        return subprocess.run(cmd, env=launch_env(env), check=False).returncode
+        rc = subprocess.run(cmd, env=launch_env(env), check=False).returncode
     except KeyboardInterrupt:  # the launcher got the same Ctrl-C and stops its children
         return 130
+    if rc and not existed:
+        # Rank 0 removes a failed run's half-made directory, but another rank may create it again
+        # a moment later (each process makes it on start): here, once all have exited, it is final.
+        discard_unfinished_run_dir(run_dir)
+    return rc

@@ -66,8 +66,71 @@ def label_head_applies(model: Any, method: str) -> bool:
     return reason is None
 
 
-def label_head_loss(model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None) -> torch.Tensor:
-    """Next-token cross-entropy computed on the labelled positions only."""
+#: Label positions per piece of the LM head: a piece's logits ([4096, 151,936] fp32 is 2.5 GB at
+#: Qwen2.5's vocabulary; 512 rows is 311 MB) live only while that piece is scored.
+CHUNK_ROWS = 512
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against ``targets``, a piece of rows at a time.
+
+    The full ``[label positions, vocabulary]`` logits and their gradient never exist at once: each
+    piece's logits are made, scored, turned into their gradient (softmax − one-hot) and folded
+    into the gradients of ``hidden`` (and of ``weight``/``bias`` when they train: full fine-tuning,
+    tied embeddings) right away, in the forward pass; backward only scales what was kept by the
+    incoming gradient. The same arithmetic as ``cross_entropy(linear(hidden))`` with no
+    recomputation (the approach of fused linear cross-entropy kernels, in plain PyTorch);
+    tests/test_label_head.py compares loss and gradients with the model's own.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(len(t), device=t.device)
+            total += (lse - logits[rows, t]).sum()
+            if need_h or need_w or need_b:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad[rows, t] -= 1
+                if need_h:
+                    grad_h[start : start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+                if need_w:
+                    grad_w += grad.T @ h.float()
+                if need_b:
+                    grad_b += grad.sum(dim=0)
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
+        ctx.kept = (need_h, need_w, need_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        saved = iter(ctx.saved_tensors)
+        need_h, need_w, need_b = ctx.kept
+        grad_h = next(saved) * grad_out.to(ctx.dtypes[0]) if need_h else None
+        grad_w = (next(saved) * grad_out).to(ctx.dtypes[1]) if need_w else None
+        grad_b = (next(saved) * grad_out).to(ctx.dtypes[2]) if need_b else None
+        return grad_h, grad_w, grad_b, None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
+                             chunk: int = CHUNK_ROWS) -> torch.Tensor:
+    """``cross_entropy(head(hidden), targets, reduction="sum")`` without the whole logits matrix (see above)."""
+    return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk)
+
+
+def label_head_loss(model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None,
+                    chunk: int = CHUNK_ROWS) -> torch.Tensor:
+    """Next-token cross-entropy computed on the labelled positions only, a piece of them at a time."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     labels = inputs["labels"]
     # Through the peft wrapper's modules: LoRA layers live inside the decoder, so calling the
@@ -76,8 +139,7 @@ def label_head_loss(model: Any, inputs: dict[str, torch.Tensor], num_items_in_ba
                                 use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    total = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+    total = linear_cross_entropy_sum(hidden[:, :-1][keep], base.get_output_embeddings(), targets[keep], chunk)
     if num_items_in_batch is not None:
         return total / num_items_in_batch
     return total / keep.sum().clamp(min=1)
