@@ -193,3 +193,22 @@ def test_linear_cross_entropy_in_pieces_equals_the_whole(chunk):
         torch.testing.assert_close(have, grad, atol=1e-6, rtol=1e-5)
     with torch.no_grad():  # evaluation: the loss only, no gradient work
         assert linear_cross_entropy_sum(hidden, head, targets, chunk).item() == pytest.approx(want.item() / 0.37, rel=1e-6)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_trainer_applies_the_runs_mixed_precision(lora_model, tmp_path, bf16):
+    """Symptom: train.bf16=true gave a bit-identical fp32 loss: accelerate autocasts model.forward, which this path skips."""
+    from transformers import TrainingArguments
+
+    from medtune.train.label_head import LabelHeadTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), bf16=bf16, use_cpu=True, report_to="none")
+    trainer = LabelHeadTrainer(model=lora_model, args=args)
+    batch = _batch()
+    with torch.no_grad():
+        fp32 = label_head_loss(lora_model, batch).item()
+        got = trainer.compute_loss(lora_model, batch).item()
+    if bf16:
+        assert got != fp32 and got == pytest.approx(fp32, rel=2e-2)  # bf16 matmuls, fp32 loss
+    else:
+        assert got == fp32

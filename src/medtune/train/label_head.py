@@ -151,5 +151,8 @@ class LabelHeadTrainer(Trainer):
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         """The loss (outputs are not needed by SFT; evaluation gets the loss only)."""
-        loss = label_head_loss(model, inputs, num_items_in_batch)
+        # accelerate applies bf16/fp16 autocast by wrapping model.forward, which this path does not
+        # call: without its context here, train.bf16 was silently ignored (a bit-identical fp32 loss)
+        with self.accelerator.autocast():
+            loss = label_head_loss(model, inputs, num_items_in_batch)
         return (loss, {}) if return_outputs else loss  # evaluation reads outputs as a dict
