@@ -40,13 +40,13 @@ non-empty one, else ``f"{file_stem}-{row:05d}"``; a repeated id makes the later 
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medtune.data.detect import iter_json_rows
 from medtune.io import DataFileError, convert_file, is_missing, json_safe, missing_note
 from medtune.records import Conversation, PreferencePair, RecordError
 
@@ -574,7 +574,7 @@ def _read(path: str | os.PathLike, fmt: str, on_invalid: str, allowed: tuple[str
     if fmt != "auto" and fmt not in allowed:
         raise ValueError(f"format must be 'auto' or one of {allowed}, got {fmt!r}")
     path = Path(path)
-    rows = list(_iter_rows(path))
+    rows = list(iter_json_rows(path))  # one JSON reader for every command (medtune.data.detect)
     if not rows:
         raise DataFileError(path, None, None, "empty file: no JSON rows")
 
@@ -618,48 +618,6 @@ def _read(path: str | os.PathLike, fmt: str, on_invalid: str, allowed: tuple[str
     if result.n_rows != len(result.records) + len(result.rejects):
         raise AssertionError("row accounting broke: rows != records + rejects")
     return result
-
-
-@dataclass
-class _Row:
-    row: int
-    obj: Any = None
-    text: str = ""
-    error: str | None = None  # why the row could not be decoded into an object
-
-
-def _iter_rows(path: Path) -> Iterator[_Row]:
-    try:
-        with open(path, encoding="utf-8-sig") as fh:  # -sig: tolerate the BOM Windows editors add
-            text = fh.read()
-    except UnicodeDecodeError as exc:
-        raise DataFileError(path, None, None, f"not UTF-8 ({exc.reason}); re-save the file as UTF-8") from None
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        # Alpaca-style releases ship one JSON array; rows are then array positions.
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataFileError(path, exc.lineno, None, f"invalid JSON array: {exc.msg}") from None
-        for position, item in enumerate(items, start=1):
-            yield _object_row(position, item, json.dumps(item, ensure_ascii=False))
-        return
-    # split("\n"), not splitlines(): the latter also breaks at U+2028 etc., which JSON written
-    # with ensure_ascii=False may carry inside strings.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield _Row(lineno, text=line, error=f"invalid JSON: {exc.msg}")
-            continue
-        yield _object_row(lineno, obj, line)
-
-
-def _object_row(row: int, obj: Any, text: str) -> _Row:
-    if not isinstance(obj, dict):
-        return _Row(row, text=text, error=f"expected a JSON object, got {type(obj).__name__}")
-    return _Row(row, obj=obj, text=text)
 
 
 def _row_id(obj: Mapping[str, Any], stem: str, row: int) -> str:
