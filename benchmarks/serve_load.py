@@ -1,17 +1,21 @@
-"""Load test of the OpenAI-compatible server: concurrent clients vs the same requests one at a time.
+"""Serving concurrent clients: ``medtune serve`` beside ``transformers serve --continuous-batching``.
 
-Builds the tiny model from the shipped CMExam sample in a temporary folder, serves it on
-loopback with ``medtune.inference.server``, and sends a fixed set of chat requests (one per
-sample question, greedy, ``max_tokens`` 32):
+Builds one model in a temporary folder (default: a random-init Qwen2, hidden 256, 4 layers, with
+the real Qwen2.5 vocabulary of 151,680 rows, where the LM head is most of a decoding step), then
+starts each server on it in turn, as its own process with ``OMP_NUM_THREADS`` threads, and sends
+the same chat requests (one per CMExam sample question, greedy, ``max_tokens`` 32):
 
-- baseline: every request sent one at a time by a single client;
-- load: the same requests shared among N client threads (httpx), all at once.
+- ``medtune serve --max-batch-size 1``: one request at a time (the reference answers);
+- ``medtune serve``: the defaults (continuous batching for greedy requests);
+- ``transformers serve --continuous-batching``: transformers' own server, the baseline.
 
-For each it prints throughput (requests/s and completion tokens/s), p50/p95 latency and the
-count of responses by HTTP status, then the ratio of the two throughputs. Both phases stop
-after the fixed number of requests or at ``--timeout`` seconds, whichever comes first.
+For each: requests/s and p50/p95 latency with 1 client and with ``--clients`` client threads,
+and the server's peak RSS. Then the throughput ratio against transformers at ``--clients``, and
+how many answers are identical to the one-at-a-time reference (the same request, answered alone).
+Servers run one after the other, so they never share the CPU.
 
-    .venv/bin/python benchmarks/serve_load.py [--clients 4] [--requests 40] [--max-tokens 32]
+    .venv/bin/python benchmarks/serve_load.py [--clients 8] [--requests 32] [--max-tokens 32]
+        [--threads 1] [--vocab qwen2.5|ours] [--skip-transformers]
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ import argparse
 import collections
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -28,7 +36,7 @@ from pathlib import Path
 
 import httpx
 
-MODEL = "tiny"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -41,6 +49,11 @@ class Phase:
     completion_tokens: int = 0
     statuses: collections.Counter = field(default_factory=collections.Counter)
     not_sent: int = 0
+    texts: dict[int, str] = field(default_factory=dict)  # request index -> answer
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.wall_s if self.wall_s else 0.0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -53,7 +66,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_phase(name: str, url: str, bodies: list[dict], clients: int, deadline_s: float,
-              request_timeout: float) -> Phase:
+              request_timeout: float, headers: dict[str, str] | None = None) -> Phase:
     """Send every body once, from ``clients`` threads pulling off a shared list."""
     phase = Phase(name)
     lock = threading.Lock()
@@ -61,7 +74,7 @@ def run_phase(name: str, url: str, bodies: list[dict], clients: int, deadline_s:
     deadline = time.monotonic() + deadline_s
 
     def worker() -> None:
-        with httpx.Client(base_url=url, timeout=request_timeout, trust_env=False) as client:
+        with httpx.Client(base_url=url, timeout=request_timeout, trust_env=False, headers=headers) as client:
             while True:
                 with lock:
                     i = next(next_index, None)
@@ -80,8 +93,10 @@ def run_phase(name: str, url: str, bodies: list[dict], clients: int, deadline_s:
                 with lock:
                     phase.statuses[status] += 1
                     if r is not None and r.status_code == 200:
+                        body = r.json()
                         phase.latencies.append(elapsed)
-                        phase.completion_tokens += r.json()["usage"]["completion_tokens"]
+                        phase.completion_tokens += body["usage"]["completion_tokens"]
+                        phase.texts[i] = body["choices"][0]["message"]["content"]
 
     threads = [threading.Thread(target=worker, name=f"client-{k}", daemon=True) for k in range(clients)]
     t0 = time.perf_counter()
@@ -94,79 +109,151 @@ def run_phase(name: str, url: str, bodies: list[dict], clients: int, deadline_s:
     return phase
 
 
-def report(phase: Phase, clients: int) -> float:
-    """Print one phase; returns its requests/s."""
-    ok = len(phase.latencies)
-    rps = ok / phase.wall_s if phase.wall_s else 0.0
-    tps = phase.completion_tokens / phase.wall_s if phase.wall_s else 0.0
-    statuses = ", ".join(f"{k}: {v}" for k, v in sorted(phase.statuses.items(), key=str)) or "none"
+def describe(phase: Phase, clients: int) -> str:
     errors = sum(v for k, v in phase.statuses.items() if k != 200)
-    print(f"{phase.name} ({clients} client{'s' if clients > 1 else ''})")
-    print(f"  requests ok       {ok} in {phase.wall_s:.2f} s  (errors {errors}, not sent {phase.not_sent})")
-    print(f"  throughput        {rps:.2f} req/s, {tps:.1f} completion tokens/s")
-    print(f"  latency           p50 {percentile(phase.latencies, 50) * 1000:.0f} ms, "
-          f"p95 {percentile(phase.latencies, 95) * 1000:.0f} ms")
-    print(f"  responses         {statuses}")
-    return rps
+    return (f"{clients} client{'s' if clients > 1 else ' '}: {phase.rps:5.2f} req/s, "
+            f"{phase.completion_tokens / phase.wall_s if phase.wall_s else 0:6.1f} completion tok/s, "
+            f"p50 {percentile(phase.latencies, 50) * 1000:5.0f} ms, p95 {percentile(phase.latencies, 95) * 1000:5.0f} ms"
+            f"  ({len(phase.latencies)} ok, {errors} errors, {phase.not_sent} not sent)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_gib(pid: int) -> float:
+    """The process's peak resident set (Linux ``VmHWM``), in GiB; NaN where unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+@dataclass
+class Server:
+    label: str
+    command: list[str]
+    model: str  # what requests send as "model"
+    phases: dict[int, Phase] = field(default_factory=dict)
+    rss_gib: float = float("nan")
+    startup_s: float = float("nan")
+
+
+def measure(server: Server, bodies: list[dict], port: int, clients: int, threads: int, timeout: float) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false"}
+    log = tempfile.TemporaryFile(mode="w+")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(server.command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise SystemExit(f"{server.label} exited with {proc.returncode}:\n{log.read()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1, trust_env=False).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() - t0 > 300:
+                raise SystemExit(f"{server.label} did not start in 300 s")
+            time.sleep(0.3)
+        server.startup_s = time.perf_counter() - t0
+        mine = [{**b, "model": server.model} for b in bodies]
+        # Warm-up outside the measurements: first-call allocations, a concurrent batch (caches).
+        run_phase("warm-up", url, mine[:2], 1, timeout, timeout)
+        run_phase("warm-up", url, mine[: clients], clients, timeout, timeout)
+        server.phases[1] = run_phase("1 client", url, mine, 1, timeout, timeout)
+        server.phases[clients] = run_phase(f"{clients} clients", url, mine, clients, timeout, timeout)
+        server.rss_gib = peak_rss_gib(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clients", type=int, default=4, help="concurrent client threads in the load phase")
-    ap.add_argument("--requests", type=int, default=40, help="requests per phase")
+    ap.add_argument("--clients", type=int, default=8, help="concurrent client threads in the load phase")
+    ap.add_argument("--requests", type=int, default=32, help="requests per phase")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--max-concurrency", type=int, default=None,
-                    help="server generation slots (default: --clients)")
-    ap.add_argument("--max-queue", type=int, default=None, help="server queue bound (default: 2 x --clients)")
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per phase")
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each server")
+    ap.add_argument("--vocab", choices=["qwen2.5", "ours"], default="qwen2.5")
+    ap.add_argument("--skip-transformers", action="store_true", help="measure medtune only")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per phase")
     args = ap.parse_args()
     if args.clients < 1 or args.requests < 1:
         ap.error("--clients and --requests must be positive")
 
-    import torch
-
+    sys.path.insert(0, str(ROOT / "src"))
     from medtune.data.cmexam import read_cmexam
-    from medtune.inference.hf import HFBackend
-    from medtune.inference.server import background_server, create_app
-    from medtune.models import build_tiny_model, load_for_inference, tokenizer_corpus
+    from medtune.models import build_tiny_model, tokenizer_corpus
     from medtune.quickstart import sample_path
 
     work = Path(tempfile.mkdtemp(prefix="medtune-serve-bench-"))
     try:
         records = read_cmexam(sample_path(), on_invalid="skip").records
-        model_dir = build_tiny_model(work / "tiny", tokenizer_corpus(records))
-        model, tokenizer = load_for_inference(str(model_dir))
-        backend = HFBackend(model, tokenizer)
+        if args.vocab == "ours":
+            model_dir = build_tiny_model(work / "tiny", tokenizer_corpus(records))
+        else:
+            model_dir = build_tiny_model(work / "qwen2", tokenizer_corpus(records), arch="qwen2", tokenizer="qwen2.5",
+                                         hidden_size=256, num_layers=4, num_heads=4)
 
         def question(r) -> str:
             options = "\n".join(f"{k} {v}" for k, v in r.options.items())
             return f"{r.question}\n{options}"
 
-        bodies = [
-            {"model": MODEL, "messages": [{"role": "user", "content": question(r)}],
-             "max_tokens": args.max_tokens, "temperature": 0}
-            for r in (records[i % len(records)] for i in range(args.requests))
-        ]
-        slots = args.max_concurrency or args.clients
-        queue = args.max_queue or 2 * args.clients
-        app = create_app(backend, MODEL, max_concurrency=slots, max_queue=queue)
-        # The load average matters on a shared machine: other processes skew both phases.
+        bodies = [{"messages": [{"role": "user", "content": question(records[i % len(records)])}],
+                   "max_tokens": args.max_tokens, "temperature": 0} for i in range(args.requests)]
+        medtune = [sys.executable, "-m", "medtune.cli", "serve", "--model", str(model_dir), "--model-name", "m",
+                   "--max-queue", str(2 * args.clients)]
+        servers = []
+        for label, extra in (("medtune serve --max-batch-size 1 (one at a time)", ["--max-batch-size", "1"]),
+                             ("medtune serve (defaults)", [])):
+            port = free_port()
+            servers.append((Server(label, [*medtune, *extra, "--port", str(port)], "m"), port))
+        if not args.skip_transformers:
+            port = free_port()
+            cli = str(Path(sys.executable).with_name("transformers"))
+            servers.append((Server("transformers serve --continuous-batching",
+                                   [cli, "serve", str(model_dir), "--continuous-batching", "--device", "cpu",
+                                    "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                                   str(model_dir)), port))
+
         load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-        print(f"tiny model on {backend.device}, torch threads {torch.get_num_threads()}, "
-              f"{os.cpu_count()} CPUs, load average {load}; server "
-              f"max_concurrency {slots}, max_queue {queue}; {args.requests} chat requests, "
-              f"max_tokens {args.max_tokens}, greedy\n")
-        with background_server(app) as url:
-            # Warm-up (first-call allocations, lazy imports) outside both measurements.
-            run_phase("warm-up", url, bodies[:2], 1, args.timeout, 120)
-            base = run_phase("baseline: one at a time", url, bodies, 1, args.timeout, 120)
-            load = run_phase("load: concurrent clients", url, bodies, args.clients, args.timeout, 120)
-        base_rps = report(base, 1)
-        print()
-        load_rps = report(load, args.clients)
-        print()
-        ratio = load_rps / base_rps if base_rps else float("nan")
-        print(f"throughput ratio (load / baseline): {ratio:.2f}x")
+        print(f"{args.vocab} vocabulary model; {args.requests} chat requests (CMExam sample questions), "
+              f"max_tokens {args.max_tokens}, greedy; OMP_NUM_THREADS={args.threads}; {os.cpu_count()} CPUs, "
+              f"load average {load}\n")
+        for server, port in servers:
+            measure(server, bodies, port, args.clients, args.threads, args.timeout)
+            print(f"{server.label}  (started in {server.startup_s:.1f} s, peak RSS {server.rss_gib:.2f} GiB)")
+            for clients, phase in server.phases.items():
+                print(f"  {describe(phase, clients)}")
+            print()
+
+        reference = servers[0][0].phases[1].texts
+        for server, _ in servers:
+            for clients, phase in server.phases.items():
+                same = sum(phase.texts.get(i) == text for i, text in reference.items())
+                print(f"identical to one-at-a-time answers: {server.label}, {clients} client(s): "
+                      f"{same}/{len(reference)}")
+        if not args.skip_transformers:
+            baseline = servers[-1][0].phases[args.clients].rps
+            print()
+            for server, _ in servers[:-1]:
+                ratio = server.phases[args.clients].rps / baseline if baseline else float("nan")
+                print(f"{server.label} at {args.clients} clients: {ratio:.2f}x transformers serve --continuous-batching")
+        load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+        print(f"\nload average at the end: {load}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

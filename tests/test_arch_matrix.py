@@ -353,12 +353,18 @@ def test_loglik_scores_and_picks_a_choice_per_question(work, cell):
 def test_server_answers_as_predict(work, cell):
     from fastapi.testclient import TestClient
 
+    from medtune.inference.batching import CONTINUOUS_BATCHING_MODEL_TYPES
     from medtune.inference.server import create_app
 
     c = cell
     lb = c["loaded"]
     rec = work["records"][0]
     app = create_app(lb.backend, "m", template=lb.template, allowed_hosts=["testserver"])
+    # greedy requests go through transformers' continuous batching wherever it is proven (not a
+    # fallback that would make this test pass without it); elsewhere through batched generate()
+    proven = lb.backend.model.config.model_type in CONTINUOUS_BATCHING_MODEL_TYPES
+    continuous = proven and c["method"] in ("lora", "adalora", "full")
+    assert (app.state.batching == "continuous") == continuous, app.state.batching
     with TestClient(app) as client:
         if lb.template.chat:
             user = lb.template.prompt.format(question=rec.question, options=lb.template.render_options(rec.options))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -52,10 +53,13 @@ def test_serve_command_with_api_key(tiny_model_dir):
                               json={"model": "tiny", "prompt": "热" * 2000, "max_tokens": 4})
         assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
     finally:
-        proc.terminate()
+        # Ctrl-C, as a user stops it: Python then waits for every non-daemon thread, continuous
+        # batching's generation thread included, so a thread left running would hang here
+        proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=20)
     assert f"serving tiny on http://127.0.0.1:{port}/v1 (API key required)" in output
     assert "prompts up to 1024 tokens (the model's context length)" in output
+    assert "concurrent requests: continuous, up to 8 at once" in output
     assert "Host accepted: localhost, 127.0.0.1, [::1], medtune.internal" in output
 
 

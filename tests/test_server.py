@@ -609,7 +609,8 @@ def test_create_app_rejects_bad_hosts_and_context_length():
 
 def test_burst_is_bounded_and_admitted_requests_complete():
     backend = SlowBackend(delay=0.3, replies=REPLIES)
-    with serving(backend, max_concurrency=1, max_queue=2) as (url, app):
+    # batches of 1: the two admitted requests run one after the other (batching: test_server_batching.py)
+    with serving(backend, max_concurrency=1, max_queue=2, max_batch_size=1) as (url, app):
 
         async def burst() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT, trust_env=False) as client:
@@ -632,6 +633,7 @@ def test_burst_is_bounded_and_admitted_requests_complete():
                 assert r.json()["choices"][0]["message"]["content"] == REPLIES["发热"]
         assert backend.peak == 1  # max_concurrency held
         assert elapsed >= 0.55  # the two admitted ones ran one after the other
+        assert [len(call) for call in backend.calls] == [1, 1]
         gate = app.state.medtune
         assert (gate.admitted, gate.running) == (0, 0)
 

@@ -373,7 +373,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.task in ("auto", "promptcblue") and _is_submission(args.predictions):
             raise UsageError(f"{args.predictions} has official submission rows (sample_id, target): score them "
                              "against the structured gold with --gold dev_structured.json")
-        if _prediction_kind(args.predictions) == "conversation" and args.task != "cmexam":
+        kind, rows = _prediction_kind(args.predictions)
+        if kind == "conversation" and args.task != "cmexam":
             from medtune.evaluation.text_tasks import evaluate_text, format_table
 
             results = evaluate_text(args.predictions, args.out, task=args.task, baseline=args.baseline,
@@ -387,7 +388,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from medtune.evaluation.evaluate import evaluate
 
         evaluate(args.predictions, args.out, parser=args.parser, template=args.template,
-                 tokenizer=args.tokenizer or "char")
+                 tokenizer=args.tokenizer or "char", rows=rows)  # rows: the file is parsed once
     else:
         from medtune.data.exam import load_exam_file
         from medtune.evaluation.evaluate import evaluate_loglik
@@ -434,12 +435,12 @@ def _is_submission(path: str) -> bool:
     return first is not None and {"sample_id", "target"} <= set(first[1]) and "output" not in first[1]
 
 
-def _prediction_kind(path: str) -> str:
-    """``exam`` when prediction lines carry options, else ``conversation``."""
+def _prediction_kind(path: str) -> tuple[str, list[tuple[int, dict]]]:
+    """``exam`` when prediction lines carry options, else ``conversation``; and the ``(line, row)`` pairs read."""
     from medtune.evaluation.evaluate import read_prediction_rows
 
     rows = read_prediction_rows(path, required=("id", "output"))  # refuses bad files with file/line/field
-    return "exam" if not rows or "options" in rows[0][1] else "conversation"
+    return ("exam" if not rows or "options" in rows[0][1] else "conversation"), rows
 
 
 # ---- report -------------------------------------------------------------------------------------------
@@ -515,6 +516,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("MEDTUNE_API_KEY") or None
     app = create_app(loaded.backend, args.model_name or loaded.name, api_key=api_key,
                      max_queue=args.max_queue, max_concurrency=args.max_concurrency,
+                     max_batch_size=args.max_batch_size, continuous_batching=args.continuous_batching,
                      max_prompt_tokens=args.max_prompt_tokens, allowed_hosts=args.allowed_hosts,
                      template=loaded.template)
     limit, context = app.state.max_prompt_tokens, app.state.context_length
@@ -530,6 +532,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving {args.model_name or loaded.name} on http://{shown_host}:{args.port}/v1 "
           f"({'API key required' if api_key else 'no API key'})")
     print(f"prompts up to {limit} tokens ({source}); Host accepted: {app.state.host_policy.describe()}")
+    batching = app.state.batching
+    print(f"concurrent requests: {batching}" + ("" if args.max_batch_size == 1 else f", up to {args.max_batch_size} at once"))
     if loaded.template is not None and loaded.template.kind != "exam":
         print(f"chat completions: {_mode_line(loaded.template)}"
               + ("; /v1/chat/completions is refused, use /v1/completions" if loaded.template.kind == "text" else ""))
@@ -807,6 +811,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model-name", help="model id clients must send (default: the run folder name)")
     sv.add_argument("--max-queue", type=int, default=8, help="requests admitted at once; more get 429")
     sv.add_argument("--max-concurrency", type=int, default=1, help="generations running at once")
+    sv.add_argument("--max-batch-size", type=int, default=8,
+                    help="non-streamed requests waiting for the model that are generated together in one "
+                         "batched call (1: each on its own)")
+    sv.add_argument("--continuous-batching", action=argparse.BooleanOptionalAction, default=None,
+                    help="answer greedy requests with transformers' continuous batching (default: when the model "
+                         "supports it; --continuous-batching fails if it does not)")
     sv.add_argument("--max-prompt-tokens", type=int, default=None,
                     help="longest prompt accepted (default: the model's context length, else 4096)")
     sv.add_argument("--allowed-host", action="append", dest="allowed_hosts", metavar="HOST",

@@ -18,7 +18,9 @@ user, metadata) are accepted and ignored, as many clients send them by default.
 
 Generation never runs on the event loop: backend calls go to worker threads, at most
 ``max_concurrency`` at a time, and at most ``max_queue`` requests are admitted (running plus
-waiting). Anything beyond that is answered 429 at once instead of piling up, so a client can back
+waiting). Non-streamed requests that wait for the model are generated together, up to
+``max_batch_size`` with the same decoding settings in one batched call
+(:mod:`medtune.inference.batching`); streamed ones run one by one. Anything beyond that is answered 429 at once instead of piling up, so a client can back
 off and retry. Every error is returned in OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``.
 
@@ -46,7 +48,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -60,6 +62,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from medtune.inference.base import GenerationParams
+from medtune.inference.batching import ContinuousBatching, RequestBatcher
 from medtune.inference.chat import reply_prompt, reply_stops
 
 logger = logging.getLogger(__name__)
@@ -531,14 +534,25 @@ class _Gate:
         return _Ticket(self)
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one of the ``max_concurrency`` generation slots."""
+    async def slot(self) -> AsyncIterator[Callable[[int], None]]:
+        """Hold one of the ``max_concurrency`` generation slots.
+
+        Yields a callable that sets how many requests the slot's generation serves (1 until
+        told otherwise; a batch serves several), so ``running`` counts requests, not calls.
+        """
         async with self._semaphore():
-            self.running += 1
+            held = 1
+            self.running += held
+
+            def serving(requests: int) -> None:
+                nonlocal held
+                self.running += requests - held
+                held = requests
+
             try:
-                yield
+                yield serving
             finally:
-                self.running -= 1
+                self.running -= held
 
 
 # ---- running the backend ----------------------------------------------------------------------------
@@ -615,25 +629,32 @@ def _refuse_chat_for_raw_text(template: Any) -> None:
                        code="chat_not_supported")
 
 
-def _generate(backend: Any, prep: _Prepared, req: _Request) -> list[tuple[str, int]]:
-    """``(text, completion_tokens)`` per choice (runs in a worker thread).
+def _batchable(prep: _Prepared, req: _Request) -> bool:
+    """Whether one generated row answers the request.
 
-    Greedy choices are identical, so one generation serves all of them. Sampled choices are
-    generated one prompt at a time rather than as a batch: a batch makes the transformers
-    backend switch its shared tokenizer's padding on, which races with the token counting other
-    requests do concurrently (measured: batched calls then fail with "Unable to create tensor").
+    Greedy choices are identical, so n of them are one row; n sampled choices are n different
+    rows, generated one by one (see below).
     """
-    params = prep.params
-    if req.n == 1 or params.temperature == 0:
-        texts = backend.generate([prep.text], params, add_special_tokens=prep.add_special_tokens) * req.n
-    else:
-        texts = [backend.generate([prep.text], params, add_special_tokens=prep.add_special_tokens)[0]
-                 for _ in range(req.n)]
-    counts: dict[str, int] = {}
-    for t in texts:
-        if t not in counts:
-            counts[t] = _completion_tokens(backend, t, params.max_new_tokens)
-    return [(t, counts[t]) for t in texts]
+    return req.n == 1 or prep.params.temperature == 0
+
+
+def _generate_rows(backend: Any, prompts: list[str], key: tuple[GenerationParams, bool]) -> list[tuple[str, int]]:
+    """``(text, completion_tokens)`` per prompt, all in one backend call (runs in a worker thread)."""
+    params, add_special_tokens = key
+    texts = backend.generate(prompts, params, add_special_tokens=add_special_tokens)
+    return [(t, _completion_tokens(backend, t, params.max_new_tokens)) for t in texts]
+
+
+def _generate_each(backend: Any, prep: _Prepared, req: _Request) -> list[tuple[str, int]]:
+    """``n`` sampled choices for one request (runs in a worker thread).
+
+    Generated one prompt at a time rather than as a batch of n copies: a batch makes the
+    transformers backend switch its shared tokenizer's padding on, which races with the token
+    counting other requests do concurrently (measured: batched calls then fail with "Unable to
+    create tensor").
+    """
+    key = (prep.params, prep.add_special_tokens)
+    return [_generate_rows(backend, [prep.text], key)[0] for _ in range(req.n)]
 
 
 def _completion_tokens(backend: Any, text: str, max_tokens: int) -> int:
@@ -779,6 +800,8 @@ def create_app(
     api_key: str | None = None,
     max_queue: int = 8,
     max_concurrency: int = 1,
+    max_batch_size: int = 8,
+    continuous_batching: bool | None = None,
     max_prompt_tokens: int | None = None,
     max_tokens_limit: int = 2048,
     allowed_hosts: Iterable[str] | None = None,
@@ -794,7 +817,13 @@ def create_app(
             ``backend.tokenizer`` when the backend has one, else a plain 用户/助手 transcript.
         api_key: When set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``.
         max_queue: Most requests admitted at once (running plus waiting); more get 429.
-        max_concurrency: Most generations running at once.
+        max_concurrency: Most generations running at once (a batch is one generation).
+        max_batch_size: Most non-streamed requests generated together in one batched call
+            (:mod:`medtune.inference.batching`); 1 generates each on its own.
+        continuous_batching: Answer greedy requests with transformers' continuous batching
+            (:class:`~medtune.inference.batching.ContinuousBatching`: a request joins the running
+            batch at the next step, up to ``max_batch_size`` at once). None: when the backend
+            supports it; True: required (ValueError when it cannot); False: never.
         max_prompt_tokens: Longest prompt accepted, in the backend's tokens (400 beyond). None:
             the backend's ``context_length``, or :data:`DEFAULT_PROMPT_TOKENS` when it has none.
         max_tokens_limit: Largest ``max_tokens`` a request may ask for.
@@ -813,7 +842,8 @@ def create_app(
 
     Raises:
         ValueError: A limit is not a positive integer, ``backend.context_length`` is neither
-            None nor a positive integer, or an allowed host is not a host name.
+            None nor a positive integer, an allowed host is not a host name, or continuous
+            batching was required for a backend that cannot use it.
     """
     context_length = getattr(backend, "context_length", None)
     if context_length is not None and (isinstance(context_length, bool) or not isinstance(context_length, int)
@@ -825,6 +855,7 @@ def create_app(
             logger.warning("the backend does not report its context length; prompts are limited to %d tokens "
                            "(set --max-prompt-tokens to change this)", DEFAULT_PROMPT_TOKENS)
     for name, value in (("--max-queue", max_queue), ("--max-concurrency", max_concurrency),
+                        ("--max-batch-size", max_batch_size),
                         ("--max-prompt-tokens", max_prompt_tokens), ("max_tokens_limit", max_tokens_limit)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -835,21 +866,44 @@ def create_app(
     host_policy = HostPolicy(allowed_hosts)
     if api_key is not None and not api_key:
         raise ValueError("api_key must be non-empty (pass None to serve without one)")
+    continuous: ContinuousBatching | None = None
+    why_not = ("turned off" if continuous_batching is False else "max_batch_size is 1" if max_batch_size == 1
+               else ContinuousBatching.unsupported_reason(backend))
+    if why_not is None:
+        # KV cache for max_batch_size requests of up to 4,096 tokens each, and room for at least one
+        # request as long as the context: sized from the limits rather than from free memory
+        per_request = min(context_length or DEFAULT_PROMPT_TOKENS, max_prompt_tokens + max_tokens_limit)
+        cache_tokens = max(max_batch_size * min(per_request, 4096), per_request)
+        continuous = ContinuousBatching(backend, max_batch_size, cache_tokens)
+    elif continuous_batching:
+        raise ValueError(f"continuous batching cannot serve this model: {why_not}")
     if tokenizer is not None and getattr(backend, "tokenizer", None) is not tokenizer:
         backend = _WithTokenizer(backend, tokenizer)
 
     gate = _Gate(max_queue, max_concurrency)
+    batcher: RequestBatcher[tuple[str, int]] = RequestBatcher(
+        lambda prompts, key: _generate_rows(backend, prompts, key), max_batch_size, gate.slot)
     created = int(time.time())
     expected_key = api_key.encode() if api_key else None
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if continuous is not None:
+                await anyio.to_thread.run_sync(continuous.close)
+
     # No interactive docs: they would be a second, unauthenticated surface to keep in step.
-    app = FastAPI(title="medtune", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="medtune", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.medtune = gate
     app.state.model_name = model_name
     app.state.api_key_required = api_key is not None
     app.state.max_prompt_tokens = max_prompt_tokens
     app.state.context_length = context_length
     app.state.host_policy = host_policy
+    app.state.batching = ("continuous" if continuous is not None else
+                          f"batched (continuous batching: {why_not})" if max_batch_size > 1 else "one at a time")
     # Outermost of the app's own layers, so a refused Host gets no routing, auth or handler at all.
     app.add_middleware(_HostGuard, policy=host_policy)
 
@@ -945,15 +999,28 @@ def create_app(
                 response = _TicketedStreamingResponse(_stream_events(req, prep), ticket)
                 ticket = None  # the response owns the place in the queue from here on
                 return response
-            async with gate.slot():
-                try:
-                    # run_sync waits for the thread even if the request is cancelled, so the slot
-                    # is held exactly as long as the backend is busy.
-                    choices = await anyio.to_thread.run_sync(_generate, backend, prep, req)
-                except APIError:
-                    raise
-                except Exception as exc:
-                    raise _backend_failure(exc) from None
+            try:
+                if continuous is not None and continuous.accepts(prep.params):
+                    gate.running += 1  # the batch decoding it is transformers', not a slot of ours
+                    try:
+                        text = await continuous.generate(prep.text, prep.params, prep.add_special_tokens)
+                        tokens = await anyio.to_thread.run_sync(_completion_tokens, backend, text,
+                                                                prep.params.max_new_tokens)
+                    finally:
+                        gate.running -= 1
+                    choices = [(text, tokens)] * req.n  # greedy: every choice is the same
+                elif _batchable(prep, req):
+                    # generated with whatever other requests with the same settings are waiting
+                    choices = [await batcher.submit(prep.text, (prep.params, prep.add_special_tokens))] * req.n
+                else:
+                    async with gate.slot():
+                        # run_sync waits for the thread even if the request is cancelled, so the
+                        # slot is held exactly as long as the backend is busy.
+                        choices = await anyio.to_thread.run_sync(_generate_each, backend, prep, req)
+            except APIError:
+                raise
+            except Exception as exc:
+                raise _backend_failure(exc) from None
         finally:
             if ticket is not None:
                 ticket.release()
