@@ -286,3 +286,108 @@ def test_streamed_bleu_jieba_equals_sacrebleu_on_jieba_words():
     ours = bleu_scores(hyps, refs, (1, 4), "jieba")
     words = [_jieba_tokens(h) for h in hyps], [_jieba_tokens(r) for r in refs]
     assert ours == {1: _sacrebleu(*words, 1, "none"), 4: _sacrebleu(*words, 4, "none")}
+
+
+# ------------------------------------------------------------------------------ vectorised counting
+# BLEU's statistics and ROUGE-N's sets are counted a chunk of pairs at a time in numpy, and the
+# LCS runs over character strings: the per-pair implementations they replaced are kept below as
+# the reference and must agree exactly (==, not approx), chunk boundaries and key renumbering
+# included.
+
+
+def _reference_char_bleu_statistics(hyps, refs, top):
+    correct, total, sys_len, ref_len = [0] * top, [0] * top, 0, 0
+    for hyp, ref in zip(hyps, refs, strict=True):
+        h, r = "".join(hyp.split()), "".join(ref.split())
+        sys_len, ref_len = sys_len + len(h), ref_len + len(r)
+        for k in range(1, top + 1):
+            if len(h) < k:
+                break
+            h_grams = Counter(zip(*(h[i:] for i in range(k)), strict=False))
+            r_grams = Counter(zip(*(r[i:] for i in range(k)), strict=False))
+            total[k - 1] += len(h) - k + 1
+            correct[k - 1] += sum(min(c, r_grams[g]) for g, c in h_grams.items())
+    return correct, total, sys_len, ref_len
+
+
+def _reference_rouge_n(hyps, refs, n):
+    total = 0.0
+    for hyp, ref in zip(hyps, refs, strict=True):
+        ht = " ".join(hyp).split(" ") if hyp else []
+        rt = " ".join(ref).split(" ") if ref else []
+        h = set(zip(*(ht[i:] for i in range(n)), strict=False))
+        r = set(zip(*(rt[i:] for i in range(n)), strict=False))
+        overlap = len(h & r)
+        p = overlap / len(h) if h else 0.0
+        rc = overlap / len(r) if r else 0.0
+        total += 2 * p * rc / (p + rc + 1e-8)
+    return 100.0 * total / len(hyps)
+
+
+def _reference_rouge_l(hyps, refs):
+    def lcs(a, b):  # dynamic programming
+        prev = [0] * (len(b) + 1)
+        for x in a:
+            cur = [0]
+            for j, y in enumerate(b):
+                cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+            prev = cur
+        return prev[-1]
+
+    total = 0.0
+    for hyp, ref in zip(hyps, refs, strict=True):
+        h = " ".join(hyp).split(" ") if hyp else []
+        r = " ".join(ref).split(" ") if ref else []
+        n = lcs(r, h)
+        if n == 0:
+            continue
+        rc, p = n / len(r), n / len(h)
+        beta = p / (rc + 1e-12)
+        total += (1 + beta**2) * rc * p / (rc + beta**2 * p + 1e-12)
+    return 100.0 * total / len(hyps)
+
+
+def _random_pairs(seed, n_pairs=120):
+    rng = random.Random(seed)
+    # whitespace of several kinds, Latin, supplementary-plane characters, a lone surrogate (JSON allows it)
+    alphabet = list("心脾肝肾肺气血阴阳") + list("ABab") + [" ", " ", "\u3000", "\t", "\n", "，", "\U00020000", "\ud800"]
+
+    def text(lo, hi):
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
+
+    refs = [text(1, 40) for _ in range(n_pairs)]
+    refs = [r if r.strip() else r + "心" for r in refs]
+    hyps = [text(0, 40) if rng.random() < 0.6 else r[: rng.randint(0, len(r))] for r in refs]
+    hyps[:4] = ["", " ", "心", refs[4]]  # empty, only a space, one token, the reference itself
+    refs[5] = "肺"  # a one-token reference has no bigram
+    return hyps, refs
+
+
+def test_rouge_string_maps_rouge_tokens_one_to_one():
+    from medtune.evaluation.metrics import _rouge_string, _rouge_tokens
+
+    hyps, refs = _random_pairs(7)
+    for text in [*hyps, *refs, " ", "  ", " a ", "a  b"]:
+        tokens, chars = _rouge_tokens(text), _rouge_string(text)
+        assert len(tokens) == len(chars)
+        assert [t or " " for t in tokens] == list(chars)
+
+
+@pytest.mark.parametrize("chunk_pairs, key_bits", [(2048, 62), (7, 62), (5, 12), (1, 9)])
+@pytest.mark.parametrize("seed", range(3))
+def test_vectorised_counting_equals_the_per_pair_implementation(monkeypatch, seed, chunk_pairs, key_bits):
+    """Small chunks cut pairs across chunk boundaries; small key widths force renumbering (BLEU)
+    and the per-pair fallback (ROUGE-N)."""
+    from medtune.evaluation import metrics
+    from medtune.evaluation.metrics import _char_bleu_statistics
+
+    monkeypatch.setattr(metrics, "_CHUNK_PAIRS", chunk_pairs)
+    monkeypatch.setattr(metrics, "_KEY_BITS", key_bits)
+    hyps, refs = _random_pairs(seed)
+    stripped = ["".join(t.split()) for t in hyps], ["".join(t.split()) for t in refs]
+    assert _char_bleu_statistics(*stripped, 4) == _reference_char_bleu_statistics(hyps, refs, 4)
+    for n in (1, 2, 3):
+        assert rouge_n(hyps, refs, n) == _reference_rouge_n(hyps, refs, n)
+    assert rouge_l(hyps, refs) == _reference_rouge_l(hyps, refs)
+    ours = explanation_scores(hyps, refs)
+    assert ours["bleu_4"] == _sacrebleu(hyps, refs, 4, "char") and ours["bleu_1"] == _sacrebleu(hyps, refs, 1, "char")

@@ -65,16 +65,24 @@ def evaluate(
     parser: str = "robust",
     template: str | Path | None = None,
     tokenizer: str = "char",
+    rows: list[tuple[int, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Score a predictions file; write ``scored.jsonl`` and ``results.json`` to ``out_dir``.
 
     Rows without a gold answer are not scorable: they are excluded and counted. Rows without a
     reference explanation are excluded from the explanation metrics only, and counted.
+
+    ``rows``: the file's ``(line, row)`` pairs when the caller has read them already (the CLI
+    reads the file once to tell exam predictions from conversations); they are checked here as
+    :func:`read_prediction_rows` checks them, and the file is not parsed a second time.
     """
     if parser not in PARSERS:
         raise ValueError(f"unknown parser {parser!r}; expected one of {PARSERS}")
     forced = get_template(template) if template else None
-    rows = read_prediction_rows(predictions)
+    if rows is None:
+        rows = read_prediction_rows(predictions)
+    else:
+        check_prediction_rows(predictions, rows)
     scored, unscorable, templates_seen = [], [], set()
     for lineno, row in rows:
         gold = gold_letters(predictions, lineno, row)
@@ -119,6 +127,17 @@ def read_prediction_rows(path: str | Path, required: tuple[str, ...] = ("id", "o
         raise DataFileError(path, None, None, f"a {Path(path).suffix} file; evaluate reads the predictions .jsonl "
                             "that medtune predict writes (one JSON object per line with id, options, output)")
     rows = list(iter_jsonl(path))
+    check_prediction_rows(path, rows, required)
+    return rows
+
+
+def check_prediction_rows(path: str | Path, rows: list[tuple[int, dict[str, Any]]],
+                          required: tuple[str, ...] = ("id", "options", "output")) -> None:
+    """The checks of :func:`read_prediction_rows` on rows read from ``path``.
+
+    Raises:
+        DataFileError: Naming the file, the line and the field.
+    """
     lines_of: dict[str, list[int]] = {}
     for lineno, row in rows:
         for key in required:
@@ -147,7 +166,6 @@ def read_prediction_rows(path: str | Path, required: tuple[str, ...] = ("id", "o
         firsts = ", ".join(f"line {line}" for line in producers.values())
         raise DataFileError(path, None, "source", f"the lines come from {len(producers)} different producers "
                             f"(first lines of each: {firsts}); score each model's predictions separately")
-    return rows
 
 
 def gold_letters(path: str | Path, lineno: int, row: dict[str, Any]) -> str:

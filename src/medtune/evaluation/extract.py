@@ -270,6 +270,9 @@ class _Context:
     keyset: set[str]
     texts: dict[str, list[str]]  # key → folded option texts (full, then without parenthetical)
     longest: int = 0  # length of the longest option text
+    # first (folded) characters of the texts of two or more characters: at any other position no
+    # option text starts, which _option_text_at checks before folding a window (most positions)
+    firsts: frozenset[str] = frozenset()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +316,9 @@ _MARKER_RE = re.compile(
     r"|(?i:(?:final[ \t]+)?answers?\b[ \t]*(?:is\b|are\b|:|-)?|(?:options?|choices?)\b[ \t]*(?:is\b|are\b|:)"
     r"|\bchoose\b|\bselect\b|\bpick\b|\btherefore\b|\bthus\b|\bhence\b)"
 )
+# Every character a _MARKER_RE match can start with (keep the two in step; the English words
+# under IGNORECASE so that the same case-insensitive equivalents count): see _markers.
+_MARKER_START_RE = re.compile(r"[最正参标答选应可诊考而的故因所综总更改修纠是]|(?i:[afocspth])")
 # What may sit between a marker and the letters: "答案应该是：选项 B", "answer is: **B**".
 _FILLER_RE = re.compile(
     r"(?:选项|选择|本题|此题|该题|的|[ \t\n:=*#>\-】\]是为為应應该該选選择擇就可能也,]"
@@ -447,8 +453,31 @@ _REASONING_CLOSE_RE = re.compile(r"</(?:think|thinking|reasoning)>", re.IGNORECA
 # ---------------------------------------------------------------------------------------------
 
 
+# Characters whose NFKC form is plain ASCII: full-width forms (，：（）Ａ), the ideographic space,
+# circled and parenthesised numbers (①), super- and subscripts (², ₂), Roman numerals (Ⅱ), ...
+# One of them in a text makes unicodedata.normalize rebuild all of it, and Chinese outputs hold
+# them in nearly every sentence. NFKC decomposes character by character before composing, so
+# writing such a character as its (already decomposed) ASCII form first changes nothing in the
+# result; what is left usually passes normalize's quick check and comes back as it is.
+_ASCII_COMPAT = {
+    c: form for c in map(chr, (*range(0x00A0, 0x0100), *range(0x2000, 0x2500), 0x3000, *range(0xFF01, 0xFF5F)))
+    if (form := unicodedata.normalize("NFKD", c)) != c and form.isascii()
+}
+_ASCII_COMPAT_RE = re.compile("[" + "".join(map(re.escape, _ASCII_COMPAT)) + "]")
+
+
 def _nfkc(text: str) -> str:
+    if text.isascii() or unicodedata.is_normalized("NFKC", text):
+        return text  # (ASCII is its own NFKC form)
+    for char in set(_ASCII_COMPAT_RE.findall(text)):
+        text = text.replace(char, _ASCII_COMPAT[char])
     return unicodedata.normalize("NFKC", text)
+
+
+def _fold_char(char: str) -> str:
+    """``_fold(text)[i]`` for ``char = text[i]``: casefolding is per character, and one that grows is kept."""
+    folded = char.casefold()
+    return folded if len(folded) == 1 else char
 
 
 def _fold(text: str) -> str:
@@ -466,6 +495,26 @@ def drop_reasoning(output: str) -> str:
         return output[closes[-1].end():]
     opened = _REASONING_OPEN_RE.search(output)
     return output[: opened.start()] if opened else output
+
+
+def _markers(text: str) -> list[re.Match[str]]:
+    """``list(_MARKER_RE.finditer(text))``, trying the pattern only where a marker can start.
+
+    Left to search, the regex engine tries all of _MARKER_RE's alternatives at every character,
+    which was the largest single cost of reading an answer. Matching at the candidate positions
+    from left to right, resuming after each match, finds the same matches: a match can only start
+    at a character of _MARKER_START_RE, and no match is empty.
+    """
+    found = []
+    pos = 0
+    while (start := _MARKER_START_RE.search(text, pos)) is not None:
+        m = _MARKER_RE.match(text, start.start())
+        if m is None:
+            pos = start.start() + 1
+        else:
+            found.append(m)
+            pos = m.end()
+    return found
 
 
 def _is_latin(char: str) -> bool:
@@ -490,7 +539,8 @@ def _context(options: Mapping[str, str]) -> _Context:
         variants += [m.group(1) + "i" for v in variants if (m := _INHIBITOR_RE.fullmatch(v))]
         texts[key] = variants
     longest = max((len(v) for vs in texts.values() for v in vs), default=0)
-    return _Context(keys, set(keys), texts, longest)
+    firsts = frozenset(v[0] for vs in texts.values() for v in vs if len(v) >= 2)
+    return _Context(keys, set(keys), texts, longest, firsts)
 
 
 def _clause_start(text: str, pos: int) -> int:
@@ -514,7 +564,11 @@ def _is_all(letters: str, ctx: _Context) -> bool:
 def _read_item(text: str, pos: int, keys: set[str], leading: bool) -> tuple[str, int] | None:
     """Read one bracketed-or-bare letter run at ``pos``; return (upper-case letters, end)."""
     i = pos
-    opened = i < len(text) and text[i] in _OPEN
+    if i >= len(text):
+        return None
+    opened = text[i] in _OPEN
+    if not opened and text[i].upper() not in keys:
+        return None  # the run below would start with this character, and it must be an option letter
     if opened:
         i += 1
         while i < len(text) and text[i] in " \t":
@@ -591,6 +645,8 @@ def _read_group(text: str, pos: int, keys: set[str], leading: bool = False) -> _
 
 def _option_text_at(text: str, pos: int, ctx: _Context) -> tuple[str, int] | None:
     """The option whose text (longest first) starts at ``pos``: ``(key, end)``."""
+    if pos >= len(text) or _fold_char(text[pos]) not in ctx.firsts:
+        return None  # no text of two or more characters starts with this character
     window = _fold(text[pos: pos + ctx.longest])  # folding the whole text each time is quadratic
     best = None
     for key in ctx.keys:
@@ -631,7 +687,8 @@ def _text_alternative(text: str, hit: tuple[str, int], ctx: _Context) -> str:
 
 
 def _sentence_start(text: str, pos: int) -> int:
-    ends = [text.rfind(b, 0, pos) + len(b) for b in ("。", "!", "?", "\n", ". ") if b in text[:pos]]
+    # rfind within [0, pos) finds b exactly when b occurs in text[:pos], without copying it
+    ends = [i + len(b) for b in ("。", "!", "?", "\n", ". ") if (i := text.rfind(b, 0, pos)) >= 0]
     return max(ends, default=0)
 
 
@@ -818,17 +875,23 @@ def _verdicts(text: str, ctx: _Context) -> tuple[set[str], set[str], set[int]]:
     """Option verdicts: ``(judged correct, judged wrong, label positions that carry a verdict)``."""
     labels: dict[int, _Group] = {}
     for pattern in (_LABEL_AT_RE, _LABEL_XIANG_RE, _LABEL_AFTER_VERDICT_RE):
-        for m in pattern.finditer(text):
-            if m.end() not in labels:
-                group = _read_group(text, m.end(), ctx.keyset, leading=True)
-                if group is None and pattern is _LABEL_AT_RE:
+        for end in map(re.Match.end, pattern.finditer(text)):
+            if end not in labels:
+                # Most label positions start a clause of prose. Only a bracket or an option letter
+                # can start a letter group (_read_item), and only the first character of an option
+                # text an option text (_option_text_at): the same checks, made before the calls.
+                char = text[end: end + 1]
+                group = None
+                if char and (char in _OPEN or char.upper() in ctx.keyset):
+                    group = _read_group(text, end, ctx.keyset, leading=True)
+                if group is None and pattern is _LABEL_AT_RE and char and _fold_char(char) in ctx.firsts:
                     # An option named by its text: "呋塞米：会引起低钾 ✔"
-                    hit = _option_text_at(text, m.end(), ctx)
+                    hit = _option_text_at(text, end, ctx)
                     if hit is not None:
                         negated = bool(_NEG_AFTER_RE.match(text, hit[1]))
-                        group = _Group(hit[0], m.end(), hit[1], False, negated)
+                        group = _Group(hit[0], end, hit[1], False, negated)
                 if group is not None:
-                    labels[m.end()] = group
+                    labels[end] = group
     starts = sorted(labels)
     pos: set[str] = set()
     neg: set[str] = set()
@@ -881,7 +944,7 @@ def _per_option_lines(text: str, lead: int, ctx: _Context) -> bool:
 
 def _statements(text: str, ctx: _Context, judged: set[int]) -> list[_Statement]:
     found: dict[int, _Statement] = {}
-    markers = sorted([*_MARKER_RE.finditer(text), *_COLON_RE.finditer(text)], key=lambda m: m.start())
+    markers = sorted([*_markers(text), *_COLON_RE.finditer(text)], key=lambda m: m.start())
     for marker in markers:
         p = _FILLER_RE.match(text, marker.end()).end()
         if p in found or _NEG_MARKER_RE.search(text, max(0, marker.start() - 4), marker.start()):

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 NO_ANSWER = "NO_ANSWER"
 """Class label given to unparsed answers before sklearn sees them (so "" is a class too)."""
@@ -150,9 +150,10 @@ def bleu_scores(hyps: Iterable[str], refs: Iterable[str], orders: Sequence[int] 
     and most of ``evaluate``'s 4 minutes at 68,000 rows, twice: once for BLEU-1, once for BLEU-4).
     BLEU only needs its sufficient statistics: per order the hypothesis n-grams and those matched
     in the reference (clipped counts), and the two lengths, summed over pairs. They are counted
-    here pair by pair and handed to sacrebleu's own ``BLEU.compute_bleu`` for the formula, so the
-    scores are sacrebleu's to the last bit (tests/test_metrics.py compares them). Character tokens
-    are the characters of the text without its whitespace.
+    here (characters: a few thousand pairs at a time in numpy, :func:`_char_bleu_statistics`;
+    jieba words: pair by pair) and handed to sacrebleu's own ``BLEU.compute_bleu`` for the
+    formula, so the scores are sacrebleu's to the last bit (tests/test_metrics.py compares them).
+    Character tokens are the characters of the text without its whitespace.
 
     Raises:
         ValueError: On a length mismatch, an order < 1 or an unknown tokenizer.
@@ -162,30 +163,16 @@ def bleu_scores(hyps: Iterable[str], refs: Iterable[str], orders: Sequence[int] 
     if not orders or min(orders) < 1:
         raise ValueError("n must be >= 1")
     top = max(orders)
-    correct, total = [0] * top, [0] * top
-    sys_len = ref_len = pairs = 0
-    any_hyp = False
-    for hyp, ref in zip_strict(hyps, refs):
-        pairs += 1
-        if tokenizer == "char":
-            h = "".join(hyp.split())  # sacrebleu: " ".join(chars), then split on whitespace
-            r = "".join(ref.split())
-        else:
-            h, r = tuple(_jieba_tokens(hyp).split()), tuple(_jieba_tokens(ref).split())
-        any_hyp = any_hyp or bool(hyp.strip())
-        sys_len += len(h)
-        ref_len += len(r)  # one reference: the closest reference length is its length
-        for k in range(1, top + 1):
-            if len(h) < k:
-                break
-            # k-grams as tuples from zip over shifted copies: counted in C, no Python loop per n-gram
-            h_grams = Counter(zip(*(h[i:] for i in range(k)), strict=False))
-            r_grams = Counter(zip(*(r[i:] for i in range(k)), strict=False))
-            total[k - 1] += len(h) - k + 1
-            if len(r_grams) < len(h_grams):
-                correct[k - 1] += sum(min(count, h_grams[gram]) for gram, count in r_grams.items() if gram in h_grams)
-            else:
-                correct[k - 1] += sum(min(count, r_grams[gram]) for gram, count in h_grams.items() if gram in r_grams)
+    hyps, refs = _paired_lists(hyps, refs)
+    if tokenizer == "char":
+        # sacrebleu's char tokens: " ".join(chars), then split on whitespace, i.e. the characters
+        # of the text without its whitespace (str.split and str.strip agree on what that is).
+        correct, total, sys_len, ref_len = _char_bleu_statistics(
+            ["".join(h.split()) for h in hyps], ["".join(r.split()) for r in refs], top)
+    else:
+        correct, total, sys_len, ref_len = _token_bleu_statistics(
+            [tuple(_jieba_tokens(h).split()) for h in hyps], [tuple(_jieba_tokens(r).split()) for r in refs], top)
+    any_hyp = any(h.strip() for h in hyps)
     if not any_hyp:
         # The paper's code crashes here (c = 0); report 0 but make it visible.
         warnings.warn("all hypotheses are empty; BLEU reported as 0.0", stacklevel=3)
@@ -199,10 +186,155 @@ def bleu_scores(hyps: Iterable[str], refs: Iterable[str], orders: Sequence[int] 
 
 def zip_strict(hyps: Iterable[str], refs: Iterable[str]) -> Iterator[tuple[str, str]]:
     """Pairs of two equally long iterables; a length mismatch is a ``ValueError`` naming both counts."""
+    hyps, refs = _paired_lists(hyps, refs)
+    return zip(hyps, refs, strict=True)
+
+
+def _paired_lists(hyps: Iterable[str], refs: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Both iterables as lists of equal length; a length mismatch is a ``ValueError`` naming both counts."""
     hyps, refs = list(hyps), list(refs)
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references")
-    return zip(hyps, refs, strict=True)
+    return hyps, refs
+
+
+def _token_bleu_statistics(hyps: Sequence[Sequence[str]], refs: Sequence[Sequence[str]], top: int,
+                           ) -> tuple[list[int], list[int], int, int]:
+    """BLEU's sufficient statistics pair by pair with ``Counter`` (any tokens: jieba words).
+
+    Returns:
+        ``(correct, total, sys_len, ref_len)``: per order 1..``top`` the clipped matches and the
+        hypothesis n-grams, and the summed hypothesis and reference lengths.
+    """
+    correct, total = [0] * top, [0] * top
+    sys_len = ref_len = 0
+    for h, r in zip(hyps, refs, strict=True):
+        sys_len += len(h)
+        ref_len += len(r)  # one reference: the closest reference length is its length
+        for k in range(1, top + 1):
+            if len(h) < k:
+                break
+            # k-grams as tuples from zip over shifted copies: counted in C, no Python loop per n-gram
+            h_grams = Counter(zip(*(h[i:] for i in range(k)), strict=False))
+            r_grams = Counter(zip(*(r[i:] for i in range(k)), strict=False))
+            total[k - 1] += len(h) - k + 1
+            if len(r_grams) < len(h_grams):
+                correct[k - 1] += sum(min(count, h_grams[gram]) for gram, count in r_grams.items() if gram in h_grams)
+            else:
+                correct[k - 1] += sum(min(count, r_grams[gram]) for gram, count in h_grams.items() if gram in r_grams)
+    return correct, total, sys_len, ref_len
+
+
+# ---------------------------------------------------------------------------------------------
+# n-gram keys of many pairs at once (BLEU and ROUGE-N on characters)
+#
+# Counting n-grams pair by pair in Python (a Counter or a set per text and order) was most of
+# evaluate's time: 68,000 pairs hold 20 million characters. Here a chunk of pairs becomes numpy
+# arrays, one entry per character: every n-gram starting there gets an integer key that is equal
+# for two positions exactly when they belong to the same pair and hold the same n characters,
+# and sorting the keys (tagged with the side, hypothesis or reference) gives every distinct
+# n-gram of every text with its count. Only integers are counted, so the statistics are the
+# ones the per-pair code counted (tests/test_metrics.py compares both on random texts).
+# ---------------------------------------------------------------------------------------------
+
+_CHUNK_PAIRS = 2048
+"""Pairs counted together: a chunk's arrays take a few MB whatever the number of rows."""
+
+_KEY_BITS = 62
+"""Keys stay below 2**62 so that a side bit can be appended within int64."""
+
+
+class _Chunk(NamedTuple):
+    chars: Any  # np.ndarray: dense id of each character (hypotheses first, then references)
+    char_bits: int  # bits of the largest char id
+    pair: Any  # np.ndarray: pair index (in the chunk) of each character
+    side: Any  # np.ndarray: 0 for a hypothesis character, 1 for a reference one
+    left: Any  # np.ndarray: characters from this one to the end of its text (1 for the last)
+    pairs: int  # pairs in the chunk
+
+
+def _chunk(hyps: Sequence[str], refs: Sequence[str]) -> _Chunk:
+    import numpy as np
+
+    texts = [*hyps, *refs]
+    # One code point per character ("surrogatepass": a lone surrogate from JSON is a character too)
+    codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    # Dense ids of the characters present (a few thousand), so that four of them fit in a key
+    present = np.zeros(0x110000, dtype=np.int64)
+    present[codes] = 1
+    dense = np.cumsum(present) - 1
+    chars = dense[codes]
+    text_of = np.repeat(np.arange(len(texts), dtype=np.int64), lengths)
+    ends = np.cumsum(lengths)
+    left = np.repeat(ends, lengths) - np.arange(len(codes), dtype=np.int64)
+    return _Chunk(chars, max(1, int(dense[-1]).bit_length()), text_of % len(hyps),
+                  (text_of >= len(hyps)).astype(np.int64), left, len(hyps))
+
+
+def _gram_keys(chunk: _Chunk, top: int, compress: bool = True) -> Iterator[tuple[int, Any, Any, int | None]]:
+    """``(n, keys, valid, pair_shift)`` for n = 1..``top``.
+
+    ``keys[i]`` identifies (pair, the n characters from position i); only positions where
+    ``valid`` is true have n characters left in their text. While the key is the pair index above
+    n char ids, ``pair_shift`` is the shift that recovers the pair; when a key would outgrow
+    :data:`_KEY_BITS` it is first renumbered (``np.unique``: equal keys stay equal, different
+    ones different) and ``pair_shift`` is ``None`` -- or, with ``compress=False``, the keys stop.
+    """
+    import numpy as np
+
+    bits = chunk.char_bits
+    width = max(1, (chunk.pairs - 1).bit_length()) + bits
+    if width > _KEY_BITS:
+        return
+    keys, pair_shift = (chunk.pair << bits) | chunk.chars, bits
+    for n in range(1, top + 1):
+        if n > 1:
+            if width + bits > _KEY_BITS:
+                if not compress:
+                    return
+                _, keys = np.unique(keys, return_inverse=True)
+                keys = keys.astype(np.int64).reshape(-1)
+                width, pair_shift = max(1, int(keys.max(initial=0)).bit_length()), None
+            # the n-gram at i is the (n-1)-gram at i followed by the character at i + n - 1
+            keys = (keys[:-1] << bits) | chunk.chars[n - 1:]
+            width += bits
+            pair_shift = None if pair_shift is None else pair_shift + bits
+        yield n, keys, chunk.left[: len(keys)] >= n, pair_shift
+
+
+def _distinct(keys: Any, side: Any) -> tuple[Any, Any]:
+    """Sorted distinct values of ``keys << 1 | side`` and how often each occurs.
+
+    Sorted, a key found in both texts of its pair is a hypothesis entry (side 0) directly
+    followed by a reference entry (side 1) with the same key.
+    """
+    import numpy as np
+
+    tagged = np.sort((keys << 1) | side)
+    if not tagged.size:
+        return tagged, tagged
+    starts = np.flatnonzero(np.concatenate(([True], tagged[1:] != tagged[:-1])))
+    return tagged[starts], np.diff(np.append(starts, tagged.size))
+
+
+def _char_bleu_statistics(hyps: Sequence[str], refs: Sequence[str], top: int) -> tuple[list[int], list[int], int, int]:
+    """:func:`_token_bleu_statistics` for texts whose every character is a token, chunk by chunk in numpy."""
+    import numpy as np
+
+    correct, total = [0] * top, [0] * top
+    sys_len, ref_len = sum(map(len, hyps)), sum(map(len, refs))
+    for k in range(1, top + 1):
+        total[k - 1] = sum(len(h) - k + 1 for h in hyps if len(h) >= k)
+    for start in range(0, len(hyps), _CHUNK_PAIRS):
+        chunk = _chunk(hyps[start: start + _CHUNK_PAIRS], refs[start: start + _CHUNK_PAIRS])
+        for n, keys, valid, _ in _gram_keys(chunk, top):
+            values, counts = _distinct(keys[valid], chunk.side[: len(keys)][valid])
+            both = (values[:-1] >> 1) == (values[1:] >> 1)
+            # clipped matches: an n-gram counts as often as it occurs in the hypothesis, at most
+            # as often as in the reference
+            correct[n - 1] += int(np.minimum(counts[:-1][both], counts[1:][both]).sum())
+    return correct, total, sys_len, ref_len
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +348,16 @@ def _rouge_tokens(text: str) -> list[str]:
     return " ".join(text).split(" ") if text else []
 
 
+def _rouge_string(text: str) -> str:
+    """:func:`_rouge_tokens` as a string with one character per token, in the same order.
+
+    " ".join(text).split(" ") keeps every character but the space as its own token and turns
+    each space into two "" tokens; no other token is "" or holds a space, so writing "" as " "
+    maps tokens to characters one to one: sets, intersections, lengths and the LCS are the same.
+    """
+    return text.replace(" ", "  ")
+
+
 def _check_pairs(hyps: Sequence[str], refs: Sequence[str]) -> None:
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references")
@@ -225,9 +367,47 @@ def _check_pairs(hyps: Sequence[str], refs: Sequence[str]) -> None:
         raise ValueError("empty reference: exclude such rows before scoring (explanation_scores does)")
 
 
-def _ngram_set(tokens: list[str], n: int) -> set[tuple[str, ...]]:
+def _ngram_set(tokens: Sequence[str], n: int) -> set[tuple[str, ...]]:
     # zip over shifted copies builds the n-gram tuples in C (the same set as slicing each position)
     return set(zip(*(tokens[i:] for i in range(n)), strict=False))  # shorter copies end it
+
+
+def _rouge_n_f(h: set, r: set) -> float:
+    """One pair's ROUGE-N F from its n-gram sets."""
+    overlap = len(h & r)
+    p = overlap / len(h) if h else 0.0
+    rc = overlap / len(r) if r else 0.0
+    return 2 * p * rc / (p + rc + 1e-8)
+
+
+def _rouge_n_scores(hyps: Sequence[str], refs: Sequence[str], orders: Sequence[int]) -> dict[int, list[float]]:
+    """Per-pair ROUGE-N F of each order, for texts already mapped by :func:`_rouge_string`.
+
+    A chunk of pairs at a time in numpy: |H|, |R| and |H ∩ R| are counted from the distinct keys
+    of :func:`_gram_keys`; the F formula then runs element-wise in float64 in the order of
+    :func:`_rouge_n_f` (the same IEEE operations, so the same bits).
+    """
+    import numpy as np
+
+    scores: dict[int, list[float]] = {n: [] for n in orders}
+    for start in range(0, len(hyps), _CHUNK_PAIRS):
+        h_part, r_part = hyps[start: start + _CHUNK_PAIRS], refs[start: start + _CHUNK_PAIRS]
+        chunk = _chunk(h_part, r_part)
+        grams = {g[0]: g for g in _gram_keys(chunk, max(orders), compress=False)}
+        for n in orders:
+            if n not in grams:  # keys too wide for this chunk (tens of thousands of distinct characters)
+                scores[n] += [_rouge_n_f(_ngram_set(h, n), _ngram_set(r, n)) for h, r in zip(h_part, r_part, strict=True)]
+                continue
+            _, keys, valid, pair_shift = grams[n]
+            values, _ = _distinct(keys[valid], chunk.side[: len(keys)][valid])
+            pair, side = values >> (pair_shift + 1), values & 1
+            n_h = np.bincount(pair[side == 0], minlength=chunk.pairs)
+            n_r = np.bincount(pair[side == 1], minlength=chunk.pairs)
+            overlap = np.bincount(pair[:-1][(values[:-1] >> 1) == (values[1:] >> 1)], minlength=chunk.pairs)
+            p = np.divide(overlap, n_h, out=np.zeros(chunk.pairs), where=n_h > 0)
+            rc = np.divide(overlap, n_r, out=np.zeros(chunk.pairs), where=n_r > 0)
+            scores[n] += (2 * p * rc / (p + rc + 1e-8)).tolist()
+    return scores
 
 
 def rouge_n(hyps: list[str], refs: list[str], n: int) -> float:
@@ -238,31 +418,45 @@ def rouge_n(hyps: list[str], refs: list[str], n: int) -> float:
     Raises:
         ValueError: On a length mismatch, no pairs, or an empty reference.
     """
+    return _rouge_n_means(hyps, refs, (n,))[n]
+
+
+def _rouge_n_means(hyps: list[str], refs: list[str], orders: Sequence[int]) -> dict[int, float]:
+    """:func:`rouge_n` of each order in ``orders``, from one pass over the pairs."""
     _check_pairs(hyps, refs)
-    total = 0.0
-    for hyp, ref in zip(hyps, refs, strict=True):
-        h, r = _ngram_set(_rouge_tokens(hyp), n), _ngram_set(_rouge_tokens(ref), n)
-        overlap = len(h & r)
-        p = overlap / len(h) if h else 0.0
-        rc = overlap / len(r) if r else 0.0
-        total += 2 * p * rc / (p + rc + 1e-8)
-    return 100.0 * total / len(hyps)
+    scores = _rouge_n_scores([_rouge_string(h) for h in hyps], [_rouge_string(r) for r in refs], orders)
+    means = {}
+    for n in orders:
+        total = 0.0
+        # summed one by one in pair order, as the mean was always taken (another order, or
+        # math.fsum, could move the last bit)
+        for f in scores[n]:
+            total += f
+        means[n] = 100.0 * total / len(hyps)
+    return means
 
 
-def _lcs_length(a: list[str], b: list[str]) -> int:
+def _lcs_length(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
     # Bit-parallel LCS (Allison-Dix / Hyyrö): one big-int update per token of b instead of a
-    # len(a)·len(b) Python loop, which would take minutes on a full test split.
-    if not a or not b:
+    # len(a)·len(b) Python loop, which would take minutes on a full test split. The LCS is
+    # symmetric, so the bits run over the shorter sequence (fewer mask updates, narrower ints).
+    if len(a) > len(b):
+        a, b = b, a
+    if not a:
         return 0
-    masks: dict[str, int] = {}
+    masks: dict[Hashable, int] = {}
+    get = masks.get
     for i, tok in enumerate(a):
-        masks[tok] = masks.get(tok, 0) | (1 << i)
+        masks[tok] = get(tok, 0) | (1 << i)
     full = (1 << len(a)) - 1
     v = full
-    for tok in b:
-        u = v & masks.get(tok, 0)
-        v = ((v + u) | (v - u)) & full
-    return len(a) - bin(v).count("1")
+    for mask in map(get, b):
+        if mask:  # a token absent from a leaves v as it is (u = 0)
+            u = v & mask
+            # No "& full" per step: carries only move upwards, so the low len(a) bits, the only
+            # ones counted, do not depend on the bits above them.
+            v = (v + u) | (v - u)
+    return len(a) - (v & full).bit_count()
 
 
 def rouge_l(hyps: list[str], refs: list[str]) -> float:
@@ -278,7 +472,7 @@ def rouge_l(hyps: list[str], refs: list[str]) -> float:
     _check_pairs(hyps, refs)
     total = 0.0
     for hyp, ref in zip(hyps, refs, strict=True):
-        h, r = _rouge_tokens(hyp), _rouge_tokens(ref)
+        h, r = _rouge_string(hyp), _rouge_string(ref)
         lcs = _lcs_length(r, h)
         if lcs == 0:
             continue  # F = 0 (also covers the empty hypothesis)
@@ -328,8 +522,7 @@ def explanation_scores(hyps: list[str], refs: list[str], tokenizer: str = "char"
     h, r = [p[0] for p in kept], [p[1] for p in kept]
     return {
         **{f"bleu_{k}": v for k, v in bleu_scores(h, r, (1, 4), tokenizer).items()},
-        "rouge_1": rouge_n(h, r, 1),
-        "rouge_2": rouge_n(h, r, 2),
+        **{f"rouge_{k}": v for k, v in _rouge_n_means(h, r, (1, 2)).items()},
         "rouge_l": rouge_l(h, r),
         **result,
     }
