@@ -8,7 +8,9 @@ Each training runs in a fresh process, so its peak RSS is its own.
 
 ``--vocab qwen2.5`` trains a random-init Qwen2 (hidden 256, 4 layers, tied embeddings) with the
 real Qwen2.5 vocabulary (151,680 rows), where the LM head and the cross-entropy are most of the
-work and memory; the default is the tiny Llama with our 3,000-token tokenizer.
+work and memory; the default is the tiny Llama with our 3,000-token tokenizer. ``--hidden-size``
+and ``--layers`` change the model's shape (e.g. 1024 and 8: the LM head a smaller share of the
+work); ``--method full`` fine-tunes every weight in both trainings instead of LoRA.
 
 Reported: non-padding tokens per second of training (``train_runtime`` from the Trainer), their
 ratio, peak RSS, and the training loss (``train_loss``, a mean per label token) of each, so a
@@ -16,6 +18,7 @@ speed-up that changed what is optimised would show up as a different loss.
 
     OMP_NUM_THREADS is forced to 1 (one core per run, so the figure is not a thread-count lottery).
     .venv/bin/python benchmarks/train_speed.py [--vocab qwen2.5] [--records 300] [--repeats 3]
+        [--method lora|full] [--hidden-size 256 --layers 4]
 """
 
 from __future__ import annotations
@@ -48,13 +51,27 @@ def prepare(args: argparse.Namespace) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="medtune-train-speed-"))
     records = read_cmexam(sample_path(), on_invalid="skip").records
+    shape = {"hidden_size": args.hidden_size or (128 if args.vocab == "ours" else 256), "num_layers": args.layers,
+             "num_heads": max(4, (args.hidden_size or 0) // 64)}
     if args.vocab == "ours":
-        model_dir = build_tiny_model(work / "model", tokenizer_corpus(records))
+        model_dir = build_tiny_model(work / "model", tokenizer_corpus(records), **shape)
     else:
         model_dir = build_tiny_model(work / "model", tokenizer_corpus(records), arch="qwen2", tokenizer="qwen2.5",
-                                     hidden_size=256, num_layers=4, num_heads=4)
+                                     **shape)
     write_jsonl(work / "train.jsonl", [r.to_dict() for r in records[: args.records]])
-    return {"work": str(work), "model": str(model_dir)}
+    config = json.loads((model_dir / "config.json").read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())  # tied embeddings counted once
+    return {"work": str(work), "model": str(model_dir), "hidden": config["hidden_size"], "params": params}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def child(args: argparse.Namespace) -> None:
@@ -82,7 +99,7 @@ def child(args: argparse.Namespace) -> None:
         f"data.max_length={args.max_length}", "data.template=qa", "adapter.r=8", "model.dtype=float32",
         "data.val_fraction=0",  # every record trains, as in the baseline (no held-out split)
         "train.report_to=none", "train.save_steps=100000", "train.logging_steps=100000",
-        "train.group_by_length=true", *args.override,
+        "train.group_by_length=true", f"adapter.method={args.method}", *args.override,
     ])
     tokenizer = load_tokenizer(model_dir)
     examples = build_sft_examples(train, get_template("qa"), tokenizer, args.max_length).examples
@@ -90,8 +107,9 @@ def child(args: argparse.Namespace) -> None:
     labels = sum(sum(1 for t in e["labels"] if t != IGNORE_INDEX) for e in examples)
     if args.child == "plain":
         torch.manual_seed(cfg.train.seed)
-        model = get_peft_model(load_causal_lm(model_dir, dtype="float32"),
-                               peft_config_for(cfg.adapter, model_type_of(model_dir) or "llama"))
+        model = load_causal_lm(model_dir, dtype="float32")
+        if args.method == "lora":
+            model = get_peft_model(model, peft_config_for(cfg.adapter, model_type_of(model_dir) or "llama"))
         trainer = Trainer(
             model=model,
             args=TrainingArguments(
@@ -128,6 +146,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating (median shown)")
     ap.add_argument("--vocab", choices=["ours", "qwen2.5"], default="ours")
+    ap.add_argument("--method", choices=["lora", "full"], default="lora", help="in both trainings")
+    ap.add_argument("--hidden-size", type=int, default=None, help="model width (default 128, or 256 for qwen2.5)")
+    ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--override", action="append", default=[], help="key=value for medtune's run (e.g. adapter.method=full)")
     ap.add_argument("--child", choices=["plain", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -141,7 +162,7 @@ def main() -> None:
 
     made = prepare(args)
     common = [sys.executable, __file__, "--work", made["work"], "--model", made["model"],
-              "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
+              "--max-length", str(args.max_length), "--batch-size", str(args.batch_size), "--method", args.method,
               *[f"--override={o}" for o in args.override]]
 
     def once(kind: str) -> dict:
@@ -157,7 +178,8 @@ def main() -> None:
         print(f"  repeat {i + 1}: plain {runs['plain'][-1]['tokens_per_s']:.0f} tok/s, "
               f"medtune {runs['ours'][-1]['tokens_per_s']:.0f} tok/s", flush=True)
     first = runs["ours"][0]
-    print(f"{args.vocab} vocabulary; {first['examples']} examples, {first['tokens']} non-pad tokens, "
+    print(f"{args.vocab} vocabulary, hidden {made['hidden']}, {args.layers} layers, {made['params']:,} parameters, "
+          f"{args.method}; {first['examples']} examples, {first['tokens']} non-pad tokens, "
           f"{first['labels']} label tokens; batch {args.batch_size}, max_length {args.max_length}, 1 thread")
     plain = statistics.median(r["tokens_per_s"] for r in runs["plain"])
     ours = statistics.median(r["tokens_per_s"] for r in runs["ours"])

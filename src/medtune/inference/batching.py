@@ -3,7 +3,7 @@
 At a real vocabulary, one decoding step costs about the same for one prompt as for eight: the LM
 head reads its whole ``[vocabulary, hidden]`` weight every step whatever the batch (measured on
 a random-init Qwen2 with the 151,680-row Qwen2.5 vocabulary, one CPU thread: 8 prompts × 32 new
-tokens in one ``model.generate`` took 1.5 s, one at a time 4.4 s). So requests that arrive while
+tokens in one ``model.generate`` took 1.55 s, one at a time 4.6 s). So requests that arrive while
 the model is busy wait, and are then generated in one call of the backend's own batched
 generation (transformers' left-padded ``generate`` for :class:`~medtune.inference.hf.HFBackend`),
 not by a scheduler of ours. A batch only holds prompts with the same decoding settings, so what

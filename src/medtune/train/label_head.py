@@ -92,14 +92,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        # Every pass over a piece's logits (311 MB at 512 × 151,936 in fp32) goes to memory, so they
+        # are few: the product is written into one buffer reused by every piece (a fresh one per
+        # piece cost a page-faulted allocation, a third of the product's time on CPU), turned into
+        # log-probabilities in place by log_softmax's row-at-a-time kernel (where logsumexp, a
+        # subtraction and an exp each made a pass of their own), then into the softmax in place.
+        # Measured for one 512-row piece at the Qwen2.5 vocabulary, 1 CPU thread: 1.54 s -> 1.02 s.
+        fp32 = hidden.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+        buffer = (torch.empty((min(chunk, hidden.shape[0]), weight.shape[0]), dtype=torch.float32,
+                              device=hidden.device) if fp32 else None)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
-            logits = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).float()
-            lse = torch.logsumexp(logits, dim=-1)
+            if buffer is not None:
+                logits = buffer[: len(t)]
+                if bias is None:
+                    torch.mm(h, weight.T, out=logits)
+                else:
+                    torch.addmm(bias, h, weight.T, out=logits)
+            else:  # bf16/fp16 weights or autocast: the product in their dtype, then fp32
+                logits = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).float()
+            log_probs = torch.log_softmax(logits, dim=-1, out=logits)
             rows = torch.arange(len(t), device=t.device)
-            total += (lse - logits[rows, t]).sum()
+            total -= log_probs[rows, t].sum()
             if need_h or need_w or need_b:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad = log_probs.exp_()  # softmax, in place
                 grad[rows, t] -= 1
                 if need_h:
                     grad_h[start : start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
