@@ -199,14 +199,7 @@ def test_rouge_rejects_empty_reference():
 
 
 def test_lcs_matches_dynamic_programming():
-    def dp(a, b):
-        prev = [0] * (len(b) + 1)
-        for x in a:
-            cur = [0]
-            for j, y in enumerate(b):
-                cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-            prev = cur
-        return prev[-1]
+    dp = _lcs_dp
 
     rng = random.Random(1)
     for _ in range(200):
@@ -310,6 +303,17 @@ def _reference_char_bleu_statistics(hyps, refs, top):
     return correct, total, sys_len, ref_len
 
 
+def _lcs_dp(a, b) -> int:
+    """Longest common subsequence by textbook dynamic programming (the oracle for the fast LCS)."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
 def _reference_rouge_n(hyps, refs, n):
     total = 0.0
     for hyp, ref in zip(hyps, refs, strict=True):
@@ -325,14 +329,7 @@ def _reference_rouge_n(hyps, refs, n):
 
 
 def _reference_rouge_l(hyps, refs):
-    def lcs(a, b):  # dynamic programming
-        prev = [0] * (len(b) + 1)
-        for x in a:
-            cur = [0]
-            for j, y in enumerate(b):
-                cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-            prev = cur
-        return prev[-1]
+    lcs = _lcs_dp
 
     total = 0.0
     for hyp, ref in zip(hyps, refs, strict=True):

@@ -216,8 +216,8 @@ def test_continuous_batching_answers_as_one_at_a_time_generation(loaded):
                                        add_special_tokens=False)[0]
     assert stopped == alone[0][: alone[0].index(stop)]
     # the generation thread is stopped with the server (it is not a daemon: it would hold the process)
-    wait_until(lambda: not [t for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()
-                            and t.is_alive() and "generation" in repr(t.__dict__.get("_target", ""))], 10)
+    # (threads without a name are named after their target: "Thread-N (_run_generation_loop)")
+    wait_until(lambda: not [t for t in threading.enumerate() if "_run_generation_loop" in t.name], 10)
 
 
 def test_continuous_batching_is_used_only_where_it_is_exact(loaded):
