@@ -183,6 +183,17 @@ def loaded(tiny_model_dir):
     return load_for_inference(str(tiny_model_dir))
 
 
+@pytest.fixture(scope="module")
+def served(tiny_model_dir):
+    """The model as ``medtune serve`` loads it: with the decoding LM head."""
+    from medtune.inference.lm_head import use_decoding_lm_head
+    from medtune.models import load_for_inference
+
+    model, tokenizer = load_for_inference(str(tiny_model_dir))
+    assert use_decoding_lm_head(model)
+    return model, tokenizer
+
+
 def _prompts(tokenizer) -> list[str]:
     questions = ["患者发热三天，最可能的诊断是？", "咳嗽", "下列哪项属于中医的望诊？A 舌象 B 脉象",
                  "治疗风寒感冒宜用", "肝主疏泄的生理功能不包括", "患儿", "心悸失眠，多梦健忘", "脾胃"]
@@ -190,10 +201,11 @@ def _prompts(tokenizer) -> list[str]:
                                           add_generation_prompt=True) for q in questions]
 
 
-def test_continuous_batching_answers_as_one_at_a_time_generation(loaded):
+def test_continuous_batching_answers_as_one_at_a_time_generation(served):
     from medtune.inference.hf import HFBackend
+    from medtune.inference.lm_head import mkl_packing_available
 
-    model, tokenizer = loaded
+    model, tokenizer = served
     backend = HFBackend(model, tokenizer)
     prompts = _prompts(tokenizer)
     params = GenerationParams(max_new_tokens=24)
@@ -215,6 +227,8 @@ def test_continuous_batching_answers_as_one_at_a_time_generation(loaded):
     assert stopped == backend.generate([prompts[0]], GenerationParams(max_new_tokens=24, stop=(stop,)),
                                        add_special_tokens=False)[0]
     assert stopped == alone[0][: alone[0].index(stop)]
+    # the batched steps went through the packed head (one-at-a-time steps never pack it)
+    assert (model.get_output_embeddings()._medtune_packed.packed is not None) == mkl_packing_available()
     # the generation thread is stopped with the server (it is not a daemon: it would hold the process)
     # (threads without a name are named after their target: "Thread-N (_run_generation_loop)")
     wait_until(lambda: not [t for t in threading.enumerate() if "_run_generation_loop" in t.name], 10)
@@ -264,22 +278,27 @@ class _Attrs:
         return self._changes[name] if name in self._changes else getattr(self._backend, name)
 
 
-def test_weight_first_lm_head_gives_the_models_logits_and_answers(tiny_model_dir, loaded):
-    from medtune.inference.hf import HFBackend, use_weight_first_lm_head
+def test_decoding_lm_head_gives_the_models_logits_and_answers(tiny_model_dir, loaded):
+    from medtune.inference.hf import HFBackend
+    from medtune.inference.lm_head import mkl_packing_available, use_decoding_lm_head
     from medtune.models import load_for_inference
 
     model, tokenizer = load_for_inference(str(tiny_model_dir))  # its own copy: the head is changed in place
     reference, _ = loaded
     head = model.get_output_embeddings()
-    x = torch.randn(3, 5, head.in_features)
-    expected = torch.nn.functional.linear(x, head.weight, head.bias)
-    assert use_weight_first_lm_head(model)
-    assert head.forward.__func__.__name__ == "_weight_first_linear"
-    got = head(x)
-    assert got.shape == expected.shape and got.is_contiguous()
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert use_decoding_lm_head(model)
+    assert head.forward.__func__.__name__ == "_decoding_linear"
+    for shape in [(1, 1), (1, 3), (2, 4), (8,), (1, 64)]:  # one row (weight first) and batches (packed)
+        x = torch.randn(*shape, head.in_features)
+        with torch.no_grad():  # as in generation
+            got = head(x)
+        assert got.shape == (*shape, head.out_features) and got.is_contiguous()
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, head.weight, head.bias), rtol=1e-5, atol=1e-5)
+    # the packed copy is what served those batches, where this torch has MKL
+    assert (head._medtune_packed.packed is not None) == mkl_packing_available()
     big = torch.randn(100, head.in_features)  # above the row limit: the ordinary product
-    assert torch.equal(head(big), torch.nn.functional.linear(big, head.weight, head.bias))
+    with torch.no_grad():
+        assert torch.equal(head(big), torch.nn.functional.linear(big, head.weight, head.bias))
     prompts = _prompts(tokenizer)
     params = GenerationParams(max_new_tokens=24)
     assert (HFBackend(model, tokenizer).generate(prompts, params, add_special_tokens=False)
@@ -287,8 +306,41 @@ def test_weight_first_lm_head_gives_the_models_logits_and_answers(tiny_model_dir
     # not applied where it does not pay or would be wrong
     reference_head = reference.get_output_embeddings()
     half = torch.nn.Linear(4, 6).to(torch.bfloat16)
-    assert not use_weight_first_lm_head(_Headed(half))
+    assert not use_decoding_lm_head(_Headed(half))
     assert reference_head.forward.__func__ is torch.nn.Linear.forward
+
+
+def test_decoding_lm_head_follows_a_changed_weight_and_leaves_gradients_to_f_linear():
+    from medtune.inference.lm_head import use_decoding_lm_head
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 500, bias=True)
+    assert use_decoding_lm_head(_Headed(head))
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        head(x)  # packs (where MKL is available)
+        head.weight.mul_(-2)  # changed in place, e.g. a merge: the packed copy must not be used stale
+        head.bias.add_(1)
+        torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight, head.bias),
+                                   rtol=1e-5, atol=1e-5)
+        head.weight = torch.nn.Parameter(torch.randn(500, 32))  # replaced: another tensor
+        torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight, head.bias),
+                                   rtol=1e-5, atol=1e-5)
+    out = head(x)  # with autograd on: the ordinary product, so a gradient reaches the weight
+    out.sum().backward()
+    assert head.weight.grad is not None and torch.equal(head.weight.grad, x.sum(0).expand(500, 32))
+
+
+def test_decoding_lm_head_leaves_large_heads_unpacked(monkeypatch):
+    from medtune.inference import lm_head
+
+    monkeypatch.setattr(lm_head, "PACK_MAX_WEIGHT_BYTES", 1000)
+    head = torch.nn.Linear(32, 500, bias=False)
+    assert lm_head.use_decoding_lm_head(_Headed(head))
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), x @ head.weight.T, rtol=1e-5, atol=1e-5)
+    assert head._medtune_packed.packed is None and head._medtune_packed.refused
 
 
 class _Headed:

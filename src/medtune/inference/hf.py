@@ -176,48 +176,6 @@ def stop_token_ids(model: Any, tokenizer: Any) -> int | list[int] | None:
     return ids[0] if len(ids) == 1 else (ids or None)
 
 
-# Up to this many rows the weight-first product is faster (measured for 1 to 32 rows; at training
-# sizes, hundreds of rows, the ordinary product amortises its packing and is kept).
-_WEIGHT_FIRST_MAX_ROWS = 64
-
-
-def _weight_first_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, W, b)`` computed as ``(W @ x.T).T`` for a few rows.
-
-    ``F.linear`` multiplies ``x @ W.T``; for the few rows of a decoding step, CPU BLAS then packs
-    the transposed ``[vocabulary, hidden]`` weight (620 MB at 151,680 × 1,024 in fp32) on every
-    call, a full extra pass over it. With the weight as the left operand nothing large is packed.
-    Measured on these CPUs (one thread, 151,680 × 256): 8 rows 38–52 ms → 26–29 ms, 1 row
-    16–21 ms → 13 ms. The same dot products, summed in another order: logits agree to float
-    rounding, not bit for bit.
-    """
-    rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if rows == 0 or rows > _WEIGHT_FIRST_MAX_ROWS or x.dtype != self.weight.dtype:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-    out = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t()
-    if self.bias is not None:
-        out = out + self.bias
-    return out.contiguous().reshape(*x.shape[:-1], out.shape[-1])
-
-
-def use_weight_first_lm_head(model: Any) -> bool:
-    """Compute a CPU fp32 model's LM head weight-first for decoding steps (see ``_weight_first_linear``).
-
-    For models loaded for inference only (it replaces the head's ``forward`` on this instance).
-    Returns whether it applied: a plain ``nn.Linear`` head in float32 on the CPU; not a head an
-    adapter wraps, and not on GPUs, whose BLAS has no such cost.
-    """
-    import types
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if (type(head) is not torch.nn.Linear or head.weight.device.type != "cpu"
-            or head.weight.dtype != torch.float32):
-        return False
-    head.forward = types.MethodType(_weight_first_linear, head)
-    return True
-
-
 def model_context_length(model: Any) -> int | None:
     """The longest sequence the model was built for (``max_position_embeddings`` or the like)."""
     config = getattr(model, "config", None)

@@ -354,11 +354,12 @@ def load_backend(
 
         engine = VLLMBackend(r.model_path, r.adapter_path, dtype=r.dtype, trust_remote_code=r.trust_remote_code)
     else:
-        from medtune.inference.hf import HFBackend, use_weight_first_lm_head
+        from medtune.inference.hf import HFBackend
+        from medtune.inference.lm_head import use_decoding_lm_head
         from medtune.models import load_for_inference
 
         m, tok = load_for_inference(r.model_path, r.adapter_path, dtype=r.dtype,
                                     trust_remote_code=r.trust_remote_code, merge_first=r.merge_first)
-        use_weight_first_lm_head(m)  # faster decoding on CPUs at large vocabularies
+        use_decoding_lm_head(m)  # faster decoding on CPUs at large vocabularies
         engine = HFBackend(m, tok)
     return Loaded(engine, r.template, r.name, r.model_path, r.adapter_path, r.source, r.run_kind)
