@@ -14,7 +14,8 @@ work); ``--method full`` fine-tunes every weight in both trainings instead of Lo
 
 Reported: non-padding tokens per second of training (``train_runtime`` from the Trainer), their
 ratio, peak RSS, and the training loss (``train_loss``, a mean per label token) of each, so a
-speed-up that changed what is optimised would show up as a different loss.
+speed-up that changed what is optimised would show up as a different loss; then the untrained
+model's loss per label token over the same batches computed both ways (``start_losses``).
 
     OMP_NUM_THREADS is forced to 1 (one core per run, so the figure is not a thread-count lottery).
     .venv/bin/python benchmarks/train_speed.py [--vocab qwen2.5] [--records 300] [--repeats 3]
@@ -105,6 +106,9 @@ def child(args: argparse.Namespace) -> None:
     examples = build_sft_examples(train, get_template("qa"), tokenizer, args.max_length).examples
     tokens = sum(len(e["input_ids"]) for e in examples)
     labels = sum(sum(1 for t in e["labels"] if t != IGNORE_INDEX) for e in examples)
+    if args.child == "loss":
+        print(json.dumps(start_losses(model_dir, examples, tokenizer, args.batch_size)))
+        return
     if args.child == "plain":
         torch.manual_seed(cfg.train.seed)
         model = load_causal_lm(model_dir, dtype="float32")
@@ -138,6 +142,37 @@ def child(args: argparse.Namespace) -> None:
                       "labels": labels, "examples": len(examples)}))
 
 
+def start_losses(model_dir: str, examples: list[dict], tokenizer, batch_size: int, batches: int = 8) -> dict:
+    """The untrained model's loss per label token over the same batches, computed both ways.
+
+    The training losses above cannot match exactly (length grouping gives the runs different
+    batches, so the weights differ after the first step); this compares the two loss
+    computations on identical weights and batches: the model's own ``model(**batch).loss`` and
+    medtune's label-position LM head.
+    """
+    from transformers import DataCollatorForSeq2Seq
+
+    from medtune.data.sft import IGNORE_INDEX
+    from medtune.models import load_causal_lm
+    from medtune.train.label_head import label_head_loss
+
+    model = load_causal_lm(model_dir, dtype="float32").eval()
+    collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    plain = ours = 0.0
+    labels = 0
+    with torch.no_grad():
+        for i in range(batches):
+            chunk = examples[i * batch_size:(i + 1) * batch_size]
+            if not chunk:
+                break
+            batch = collate([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in chunk])
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            plain += float(model(**batch).loss) * n
+            ours += float(label_head_loss(model, batch)) * n
+            labels += n
+    return {"plain": plain / labels, "ours": ours / labels, "labels": labels}
+
+
 def main() -> None:
     """Build the model, run both trainings alternately (each in its own process), print the medians."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -150,7 +185,7 @@ def main() -> None:
     ap.add_argument("--hidden-size", type=int, default=None, help="model width (default 128, or 256 for qwen2.5)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--override", action="append", default=[], help="key=value for medtune's run (e.g. adapter.method=full)")
-    ap.add_argument("--child", choices=["plain", "ours"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["plain", "ours", "loss"], help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -191,6 +226,10 @@ def main() -> None:
           f"train_loss {runs['plain'][0]['loss']:.6f}")
     print(f"  ratio                   {ours / plain:10.2f}x   (median of {args.repeats}); "
           f"peak RSS {peak_ours / peak_plain:.2f}x")
+    start = once("loss")
+    print(f"  loss per label token of the untrained model, same {start['labels']} label tokens: "
+          f"plain {start['plain']:.6f}, medtune {start['ours']:.6f}, "
+          f"relative difference {abs(start['ours'] - start['plain']) / start['plain']:.1e}")
     shutil.rmtree(made["work"], ignore_errors=True)
 
 
