@@ -291,3 +291,100 @@ def test_fold_char_is_fold_per_character():
 
     for text in [*_texts(), "Straße ǅ İ ΣΑΣ ﬁ"]:
         assert "".join(map(_fold_char, text)) == _fold(text)
+
+
+# The second round of shortcuts (evaluate of 68,000 outputs): the label scan without a look-behind,
+# the marker-start class, the per-options context cache and the memo of what may start at a
+# character. Each is compared with the plain form it replaces; then the whole reader is run with
+# every shortcut switched off and must give the same readings.
+
+
+def _label_texts():
+    rng = random.Random(1)
+    pieces = ["\n", ";", "。", ",", ":", "!", "?", "、", "(", ")", " ", "\t", "*", "#", ">", "-", "•", "·", "选项",
+              "option", "Option ", "OPTION\t", "A", "B.", "C项", "D错", "(E对)", "正确", "错误", "心绞痛", "肺炎链球菌",
+              "，", "：", "（", "\r\n", "x"]
+    texts = [*_texts(), "", "\n", ",", "选项", "option"]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 25))) for _ in range(3000)]
+    return texts
+
+
+def test_label_ends_equal_the_look_behind_pattern():
+    from medtune.evaluation.extract import _LABEL_AT_RE, _label_at_ends, _nfkc
+
+    for text in _label_texts():
+        for t in (text, _nfkc(text)):
+            assert _label_at_ends(t) == [m.end() for m in _LABEL_AT_RE.finditer(t)], t
+
+
+def test_marker_start_class_equals_the_alternation_on_every_character():
+    import re
+    import sys
+
+    from medtune.evaluation.extract import _MARKER_START_RE
+
+    alternation = re.compile(r"[最正参标答选应可诊考而的故因所综总更改修纠是]|(?i:[afocspth])")
+    for code in range(sys.maxunicode + 1):
+        char = chr(code)
+        assert bool(_MARKER_START_RE.fullmatch(char)) == bool(alternation.fullmatch(char)), hex(code)
+
+
+def _option_sets():
+    from test_answer_table import ROWS
+
+    sets = [BACTERIA, ANGINA, DRUGS, *(row.options for row in ROWS)]
+    sets += [{"A": "Ａ型（全角）", "B": "ß-受体阻滞剂", "C": "ACE抑制剂", "D": "慢性阻塞性肺疾病(COPD)"},
+             {"a": "小写键", "B": "", "C": " 空格 "}]
+    unique = {tuple(o.items()): o for o in sets}
+    return list(unique.values())
+
+
+def test_context_cache_gives_the_context_built_afresh():
+    from dataclasses import replace
+
+    from medtune.evaluation.extract import _CONTEXT_CACHE, _build_context, _context
+
+    _CONTEXT_CACHE.clear()
+    for options in _option_sets() * 2:  # the second round reads the cache
+        cached = _context(options)
+        assert replace(cached, starts={}) == _build_context(options)
+    # 1 == True as dict keys, but str(1) != str(True): values that are not text are not cached
+    assert _context({"A": 1, "B": "x"}).texts["A"] == ["1"]
+    assert _context({"A": True, "B": "x"}).texts["A"] == ["true"]
+
+
+def test_starts_memo_is_the_first_checks_of_the_calls_it_skips():
+    from medtune.evaluation.extract import (
+        _GROUP_START,
+        _OPEN,
+        _TEXT_START,
+        _build_context,
+        _fold_char,
+        _starts,
+    )
+
+    chars = {c for t in _label_texts() for c in t} | set("AaBbEeJjß（Ａ") | {""}
+    for options in _option_sets():
+        ctx = _build_context(options)
+        for char in sorted(chars):
+            group = bool(char) and (char in _OPEN or char.upper() in ctx.keyset)
+            text = bool(char) and _fold_char(char) in ctx.firsts
+            assert _starts(char, ctx) == (_GROUP_START if group else 0) | (_TEXT_START if text else 0)
+
+
+def test_reader_with_every_shortcut_off_reads_the_same(monkeypatch):
+    import re
+
+    from medtune.evaluation import extract
+
+    outputs = [c[0] for c in CASES] + _label_texts()[::15]
+    outputs += ["答案：" + letter + "\n分析：" + expl for letter in ("A", "Ｃ", "B、D", "") for expl in
+                ("法洛四联症（D错）。", "A项正确，B错误；故选C。", "因此答案是E", "")]
+    templates = [(None, "理由："), ("答案：", "解释："), (None, None)]
+    fast = [read_answer(o, opts, a, e) for opts in _option_sets()[:4] for o in outputs for a, e in templates]
+    monkeypatch.setattr(extract, "_label_at_ends", lambda text: [m.end() for m in extract._LABEL_AT_RE.finditer(text)])
+    monkeypatch.setattr(extract, "_starts", lambda char, ctx: extract._GROUP_START | extract._TEXT_START)
+    monkeypatch.setattr(extract, "_context", extract._build_context)
+    monkeypatch.setattr(extract, "_MARKER_START_RE", re.compile(r"[\s\S]"))  # try the marker pattern everywhere
+    plain = [read_answer(o, opts, a, e) for opts in _option_sets()[:4] for o in outputs for a, e in templates]
+    assert fast == plain

@@ -284,8 +284,8 @@ def test_streamed_bleu_jieba_equals_sacrebleu_on_jieba_words():
 # ------------------------------------------------------------------------------ vectorised counting
 # BLEU's statistics and ROUGE-N's sets are counted a chunk of pairs at a time in numpy, and the
 # LCS runs over character strings: the per-pair implementations they replaced are kept below as
-# the reference and must agree exactly (==, not approx), chunk boundaries and key renumbering
-# included.
+# the reference and must agree exactly (==, not approx), chunk boundaries, chunk splits and the
+# per-pair fallback included.
 
 
 def _reference_char_bleu_statistics(hyps, refs, top):
@@ -370,11 +370,11 @@ def test_rouge_string_maps_rouge_tokens_one_to_one():
         assert [t or " " for t in tokens] == list(chars)
 
 
-@pytest.mark.parametrize("chunk_pairs, key_bits", [(2048, 62), (7, 62), (5, 12), (1, 9)])
+@pytest.mark.parametrize("chunk_pairs, key_bits", [(2048, 63), (7, 63), (8, 22), (1, 9)])
 @pytest.mark.parametrize("seed", range(3))
 def test_vectorised_counting_equals_the_per_pair_implementation(monkeypatch, seed, chunk_pairs, key_bits):
-    """Small chunks cut pairs across chunk boundaries; small key widths force renumbering (BLEU)
-    and the per-pair fallback (ROUGE-N)."""
+    """Small chunks cut pairs across chunk boundaries; 22-bit keys make chunks split in halves, 9-bit
+    keys leave single pairs to the per-pair fallback (BLEU and ROUGE-N)."""
     from medtune.evaluation import metrics
     from medtune.evaluation.metrics import _char_bleu_statistics
 
@@ -388,3 +388,39 @@ def test_vectorised_counting_equals_the_per_pair_implementation(monkeypatch, see
     assert rouge_l(hyps, refs) == _reference_rouge_l(hyps, refs)
     ours = explanation_scores(hyps, refs)
     assert ours["bleu_4"] == _sacrebleu(hyps, refs, 4, "char") and ours["bleu_1"] == _sacrebleu(hyps, refs, 1, "char")
+
+
+def test_weighted_f1_equals_sklearn_bit_for_bit():
+    """answer_scores no longer imports scikit-learn (1.8 s); its F1 must still be sklearn's exactly."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    from medtune.evaluation.metrics import NO_ANSWER, _weighted_f1
+
+    rng = random.Random(3)
+    pool = ["A", "B", "C", "D", "E", "AB", "ACD", "BE", "ABCDE", NO_ANSWER, "X"]
+    for _ in range(300):
+        labels = rng.sample(pool, rng.randint(1, len(pool)))
+        n = rng.randint(1, 80)
+        gold = [rng.choice(labels) for _ in range(n)]
+        pred = [rng.choice(labels + [NO_ANSWER]) for _ in range(n)]
+        ours = _weighted_f1(gold, pred)
+        assert ours == float(precision_recall_fscore_support(gold, pred, average="weighted", zero_division=0)[2])
+    gold, pred = ["A"] * 5, ["B"] * 5  # no label right: F1 0, not nan
+    assert _weighted_f1(gold, pred) == 0.0
+
+
+def test_lcs_of_pairs_sharing_a_reference_equals_dynamic_programming():
+    """References several pairs share are taken together with their masks built once (bits over the
+    reference, the loop over the hypothesis); the lengths must be the per-pair ones."""
+    from medtune.evaluation.metrics import _lcs_lengths
+
+    rng = random.Random(4)
+    shared = ["", " ", "心", "心肺 心 肺", "abcab ba", "".join(rng.choices("心肺ab  ", k=60))]
+    refs = [rng.choice(shared) if rng.random() < 0.7 else "".join(rng.choices("心肺ab ", k=rng.randint(0, 30)))
+            for _ in range(400)]
+    hyps = ["".join(rng.choices("心肺abc  ", k=rng.randint(0, 70))) for _ in refs]
+    hyps[:3] = [refs[0], "", refs[2][::-1]]
+    assert _lcs_lengths(refs, hyps) == [_lcs_dp(r, h) for r, h in zip(refs, hyps, strict=True)]
+    repeated = [r for r in refs if r.strip()]
+    kept = [h for r, h in zip(refs, hyps, strict=True) if r.strip()]
+    assert rouge_l(kept, repeated) == _reference_rouge_l(kept, repeated)

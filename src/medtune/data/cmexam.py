@@ -39,9 +39,10 @@ import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 from medtune.io import (
     DataFileError,
@@ -272,6 +273,10 @@ _CANONICAL = {_column_key(c): c for c in (*_REQUIRED_COLUMNS, "Explanation", *AN
 
 
 def _read_table(path: Path, suffix: str) -> pd.DataFrame:
+    # pandas is imported here, not with the module: evaluate imports this module for its column
+    # names only, and pandas took 0.4 s of its start.
+    import pandas as pd
+
     # dtype=str + keep_default_na=False: pandas keeps every cell as its text, and which texts are
     # missing is decided in one place (medtune.io.is_missing), the same for every shape —
     # pandas' own list would make "NA" missing too, and "Na" is a real option text.

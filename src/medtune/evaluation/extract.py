@@ -145,7 +145,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 FALLBACK_EXPLANATION_MARKERS = ("解释:", "解释：", "理由：", "分析：")
@@ -273,6 +273,26 @@ class _Context:
     # first (folded) characters of the texts of two or more characters: at any other position no
     # option text starts, which _option_text_at checks before folding a window (most positions)
     firsts: frozenset[str] = frozenset()
+    # memo of _starts: what may start at a character (derived from the fields above only)
+    starts: dict[str, int] = field(default_factory=dict)
+
+
+_GROUP_START, _TEXT_START = 1, 2
+
+
+def _starts(char: str, ctx: _Context) -> int:
+    """What may start at ``char`` (a one-character string, or ``""`` past the end), as flags.
+
+    ``_GROUP_START`` when it is a bracket or an option letter (_read_item's first check),
+    ``_TEXT_START`` when an option text of two or more characters starts with it
+    (_option_text_at's first check).
+    """
+    kind = ctx.starts.get(char)
+    if kind is None:
+        kind = ctx.starts[char] = (
+            (_GROUP_START if char and (char in _OPEN or char.upper() in ctx.keyset) else 0)
+            | (_TEXT_START if char and _fold_char(char) in ctx.firsts else 0))
+    return kind
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,8 +337,10 @@ _MARKER_RE = re.compile(
     r"|\bchoose\b|\bselect\b|\bpick\b|\btherefore\b|\bthus\b|\bhence\b)"
 )
 # Every character a _MARKER_RE match can start with (keep the two in step; the English words
-# under IGNORECASE so that the same case-insensitive equivalents count): see _markers.
-_MARKER_START_RE = re.compile(r"[最正参标答选应可诊考而的故因所综总更改修纠是]|(?i:[afocspth])")
+# under IGNORECASE so that the same case-insensitive equivalents count): see _markers. One
+# character class, not an alternation of two, so that the engine scans for it character by
+# character (IGNORECASE changes nothing for the CJK characters: they have no case).
+_MARKER_START_RE = re.compile(r"(?i:[最正参标答选应可诊考而的故因所综总更改修纠是afocspth])")
 # What may sit between a marker and the letters: "答案应该是：选项 B", "answer is: **B**".
 _FILLER_RE = re.compile(
     r"(?:选项|选择|本题|此题|该题|的|[ \t\n:=*#>\-】\]是为為应應该該选選择擇就可能也,]"
@@ -381,6 +403,11 @@ _REFUSAL_OBJECT_RE = re.compile(r"[ \t]*(?:答案|哪|选|正确|是[ \t]*[A-Z])
 
 # Option verdicts. A label is a letter group at the start of a line/clause (or "X项" anywhere).
 _LABEL_AT_RE = re.compile(r"(?:^|(?<=[\n;。,:!?、(]))[ \t*#>\-•·]*(?:选项|(?i:option)[ \t]*)?", re.MULTILINE)
+# The same label ends, found faster (see _label_at_ends): the look-behind above is tried at every
+# character, the delimiter class below is a plain character scan.
+_LABEL_TAIL = r"[ \t*#>\-•·]*(?:选项|(?i:option)[ \t]*)?"
+_LABEL_DELIM_RE = re.compile(r"[\n;。,:!?、(]" + _LABEL_TAIL)
+_LABEL_FIRST_RE = re.compile(_LABEL_TAIL)
 _LABEL_XIANG_RE = re.compile(r"(?<![A-Za-z])(?=[A-Z][ \t]*(?:选项|项))")
 # Verdicts on one line separated by spaces: "A错误 B错误 C正确".
 _LABEL_AFTER_VERDICT_RE = re.compile(r"(?:正确|错误|不对|对|错|[✓✗✔✘√❌✅])[ \t]+(?=[A-Z])")
@@ -525,7 +552,31 @@ def _is_cjk(char: str) -> bool:
     return "\u4e00" <= char <= "\u9fff" or "\u3400" <= char <= "\u4dbf"
 
 
+_CONTEXT_CACHE: dict[tuple, _Context] = {}
+_CONTEXT_CACHE_SIZE = 4096
+
+
 def _context(options: Mapping[str, str]) -> _Context:
+    """The folded keys and texts of ``options``, shared by every output read against the same options.
+
+    Building them (NFKC, casefolding, variants) costs about as much as reading a short output, and
+    an evaluation file repeats questions (several samples, several checkpoints). The context is
+    never modified after it is built (but for its memo of :func:`_starts`, derived from it), and it
+    depends on nothing but the options' keys and values in order, which is the cache key. Only
+    text keys and values are cached: ``1`` and ``True`` are equal dict keys but different texts.
+    """
+    key = tuple(options.items())
+    if not all(type(k) is str and type(v) is str for k, v in key):
+        return _build_context(options)
+    cached = _CONTEXT_CACHE.get(key)
+    if cached is None:
+        if len(_CONTEXT_CACHE) >= _CONTEXT_CACHE_SIZE:
+            _CONTEXT_CACHE.clear()  # bounded: a file of unique questions does not grow it without end
+        cached = _CONTEXT_CACHE[key] = _build_context(options)
+    return cached
+
+
+def _build_context(options: Mapping[str, str]) -> _Context:
     keys = [_nfkc(str(k)).strip().upper() for k in options]
     texts: dict[str, list[str]] = {}
     for key, value in zip(keys, options.values(), strict=True):
@@ -573,14 +624,15 @@ def _read_item(text: str, pos: int, keys: set[str], leading: bool) -> tuple[str,
         i += 1
         while i < len(text) and text[i] in " \t":
             i += 1
-    if i > 0 and _is_latin(text[i - 1]):
+    if i > 0 and text[i - 1].isascii() and text[i - 1].isalnum():
         return None  # the run would start inside a Latin word
     m = _RUN_RE.match(text, i)
     if not m:
         return None
     run, end = m.group(), m.end()
-    # Whole run must be option letters: this rejects DNA, HBsAg, B12, "because", ...
-    if not run.isalpha() or any(c.upper() not in keys for c in run):
+    # Whole run must be option letters: this rejects DNA, HBsAg, B12, "because", ... (the run is
+    # ASCII, so upper-casing it whole is upper-casing it letter by letter)
+    if not run.isalpha() or not (run.upper() in keys if len(run) == 1 else set(run.upper()) <= keys):
         return None
     if len(run) > 1 and not run.isupper():
         return None
@@ -636,8 +688,8 @@ def _read_group(text: str, pos: int, keys: set[str], leading: bool = False) -> _
             end = items[-1][1]
         else:
             negated = True
-    letters = "".join(i[0] for i in items)
-    alt = any(kind == "alt" for kind, _ in seps)
+    letters = items[0][0] if len(items) == 1 else "".join(i[0] for i in items)
+    alt = bool(seps) and any(kind == "alt" for kind, _ in seps)
     if len(letters) > 1 and _QUESTION_MARK_RE.match(text, end):
         alt = True  # "A/B?": the model is asking, not answering
     return _Group(letters, pos, end, alt, negated)
@@ -871,20 +923,33 @@ def _blank_json(text: str) -> tuple[str, tuple[int, int]]:
     return text, min(spans, default=(0, 0))
 
 
+def _label_at_ends(text: str) -> list[int]:
+    """``[m.end() for m in _LABEL_AT_RE.finditer(text)]``, without the look-behind at every character.
+
+    _LABEL_AT_RE matches at 0 and right after each delimiter, consuming only characters that are
+    no delimiter; so its matches are the one at 0 and one per delimiter, each the same as
+    _LABEL_DELIM_RE's match starting with that delimiter (tests/test_extract.py compares them).
+    """
+    return [_LABEL_FIRST_RE.match(text).end(), *map(re.Match.end, _LABEL_DELIM_RE.finditer(text))]
+
+
 def _verdicts(text: str, ctx: _Context) -> tuple[set[str], set[str], set[int]]:
     """Option verdicts: ``(judged correct, judged wrong, label positions that carry a verdict)``."""
     labels: dict[int, _Group] = {}
     for pattern in (_LABEL_AT_RE, _LABEL_XIANG_RE, _LABEL_AFTER_VERDICT_RE):
-        for end in map(re.Match.end, pattern.finditer(text)):
+        ends = _label_at_ends(text) if pattern is _LABEL_AT_RE else map(re.Match.end, pattern.finditer(text))
+        for end in ends:
             if end not in labels:
                 # Most label positions start a clause of prose. Only a bracket or an option letter
                 # can start a letter group (_read_item), and only the first character of an option
                 # text an option text (_option_text_at): the same checks, made before the calls.
-                char = text[end: end + 1]
+                kind = _starts(text[end: end + 1], ctx)
+                if not kind:
+                    continue
                 group = None
-                if char and (char in _OPEN or char.upper() in ctx.keyset):
+                if kind & _GROUP_START:
                     group = _read_group(text, end, ctx.keyset, leading=True)
-                if group is None and pattern is _LABEL_AT_RE and char and _fold_char(char) in ctx.firsts:
+                if group is None and pattern is _LABEL_AT_RE and kind & _TEXT_START:
                     # An option named by its text: "呋塞米：会引起低钾 ✔"
                     hit = _option_text_at(text, end, ctx)
                     if hit is not None:
@@ -944,7 +1009,7 @@ def _per_option_lines(text: str, lead: int, ctx: _Context) -> bool:
 
 def _statements(text: str, ctx: _Context, judged: set[int]) -> list[_Statement]:
     found: dict[int, _Statement] = {}
-    markers = sorted([*_markers(text), *_COLON_RE.finditer(text)], key=lambda m: m.start())
+    markers = sorted([*_markers(text), *_COLON_RE.finditer(text)], key=re.Match.start)
     for marker in markers:
         p = _FILLER_RE.match(text, marker.end()).end()
         if p in found or _NEG_MARKER_RE.search(text, max(0, marker.start() - 4), marker.start()):
@@ -952,7 +1017,8 @@ def _statements(text: str, ctx: _Context, judged: set[int]) -> list[_Statement]:
         if marker.group() == "是" and not _CONTRAST_NEG_RE.search(
                 text, _clause_start(text, marker.start() - 1), marker.start()):
             continue
-        group = _read_group(text, p, ctx.keyset)
+        # _read_item's first check, made before the call: most markers are followed by prose
+        group = _read_group(text, p, ctx.keyset) if _starts(text[p: p + 1], ctx) & _GROUP_START else None
         weak = bool(_WEAK_MARKER_RE.fullmatch(marker.group()))
         firm = bool(_FIRM_MARKER_RE.fullmatch(marker.group()))
         if weak and (group is None or group.negated or not _ENDS_SENTENCE_RE.match(text, group.end)):

@@ -81,12 +81,10 @@ def answer_scores(gold: list[str], pred: list[str]) -> dict:
     if any(not g.strip() for g in gold):
         raise ValueError("empty gold answer: exclude rows without a gold answer before scoring")
 
-    from sklearn.metrics import precision_recall_fscore_support
-
     # The no-answer label must be a class of its own, as in the paper's F1.
     pred_labels = [p if p.strip() else NO_ANSWER for p in pred]
     correct = [g == p for g, p in zip(gold, pred_labels, strict=True)]
-    _, _, f1, _ = precision_recall_fscore_support(gold, pred_labels, average="weighted", zero_division=0)
+    f1 = _weighted_f1(gold, pred_labels)
 
     def _acc(flags: list[bool]) -> float | None:
         return 100.0 * sum(flags) / len(flags) if flags else None
@@ -103,6 +101,33 @@ def answer_scores(gold: list[str], pred: list[str]) -> dict:
         "accuracy_multi": _acc(multi),
         "n_multi": len(multi),
     }
+
+
+def _weighted_f1(gold: list[str], pred: list[str]) -> float:
+    """Weighted F1 as scikit-learn computes it, with the same numpy operations in the same order.
+
+    That is ``precision_recall_fscore_support(gold, pred, average="weighted", zero_division=0)[2]``.
+    Importing ``sklearn.metrics`` took 1.8 s, more than the F1 of 68,000 rows. The statistics are
+    integers (per label, in sorted order of all labels: true positives, gold and predicted counts);
+    F = 2·tp / (gold + pred) in float64 (0 where both are 0); the weighted mean is
+    ``numpy.average`` with the gold counts as weights, over every label in that order, so the
+    float result is sklearn's bit for bit (tests/test_metrics.py compares them with ==).
+    """
+    import numpy as np
+
+    labels = sorted({*gold, *pred})
+    index = {label: i for i, label in enumerate(labels)}
+    g = np.fromiter(map(index.__getitem__, gold), dtype=np.int64, count=len(gold))
+    p = np.fromiter(map(index.__getitem__, pred), dtype=np.int64, count=len(pred))
+    true_sum = np.bincount(g, minlength=len(labels))
+    pred_sum = np.bincount(p, minlength=len(labels))
+    tp_sum = np.bincount(g[g == p], minlength=len(labels))
+    denominator = 1.0 * true_sum.astype(np.float64) + pred_sum.astype(np.float64)  # β² = 1
+    empty = denominator == 0
+    denominator[empty] = 1
+    f = (2.0 * tp_sum.astype(np.float64)) / denominator
+    f[empty] = 0.0
+    return float(np.average(f, weights=true_sum))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,96 +251,130 @@ def _token_bleu_statistics(hyps: Sequence[Sequence[str]], refs: Sequence[Sequenc
 
 
 # ---------------------------------------------------------------------------------------------
-# n-gram keys of many pairs at once (BLEU and ROUGE-N on characters)
+# n-grams of many pairs at once (BLEU and ROUGE-N on characters)
 #
 # Counting n-grams pair by pair in Python (a Counter or a set per text and order) was most of
 # evaluate's time: 68,000 pairs hold 20 million characters. Here a chunk of pairs becomes numpy
-# arrays, one entry per character: every n-gram starting there gets an integer key that is equal
-# for two positions exactly when they belong to the same pair and hold the same n characters,
-# and sorting the keys (tagged with the side, hypothesis or reference) gives every distinct
-# n-gram of every text with its count. Only integers are counted, so the statistics are the
-# ones the per-pair code counted (tests/test_metrics.py compares both on random texts).
+# arrays, one entry per character: the entry at position i gets one integer key holding its pair,
+# the ``top`` characters from i (0 past the end of its text; characters are numbered from 1) and
+# its side (hypothesis 0, reference 1) in the lowest bit. One sort of these keys orders every
+# n-gram, n = 1..top, at once: the n-gram at i is the key's top bits (pair and first n
+# characters), and keys sorted as wholes are sorted by any such prefix too. Equal prefixes are
+# then runs, and a run's entries are that n-gram's occurrences in the pair's two texts. Only
+# integers are counted, so the statistics are the ones the per-pair code counted
+# (tests/test_metrics.py compares both on random texts, chunk splits and fallbacks included).
 # ---------------------------------------------------------------------------------------------
 
 _CHUNK_PAIRS = 2048
-"""Pairs counted together: a chunk's arrays take a few MB whatever the number of rows."""
+"""Pairs counted together: a chunk's arrays take a few tens of MB whatever the number of rows."""
 
-_KEY_BITS = 62
-"""Keys stay below 2**62 so that a side bit can be appended within int64."""
-
-
-class _Chunk(NamedTuple):
-    chars: Any  # np.ndarray: dense id of each character (hypotheses first, then references)
-    char_bits: int  # bits of the largest char id
-    pair: Any  # np.ndarray: pair index (in the chunk) of each character
-    side: Any  # np.ndarray: 0 for a hypothesis character, 1 for a reference one
-    left: Any  # np.ndarray: characters from this one to the end of its text (1 for the last)
-    pairs: int  # pairs in the chunk
+_KEY_BITS = 63
+"""Bits a key may use (pair, ``top`` characters, side): int64 keys stay non-negative. A chunk whose
+keys would need more is split in halves; a single pair that still would is counted in Python."""
 
 
-def _chunk(hyps: Sequence[str], refs: Sequence[str]) -> _Chunk:
+class _Grams(NamedTuple):
+    """The distinct n-grams of every pair of a chunk (sorted by pair), one entry per n-gram."""
+
+    pair: Any  # np.ndarray: the pair (index in the chunk) the n-gram belongs to; None when not asked for
+    hyp: Any  # np.ndarray: how often it occurs in the pair's hypothesis
+    ref: Any  # np.ndarray: how often it occurs in the pair's reference
+
+
+class _CharIds:
+    """Dense ids (1, 2, ...) of the characters present in a chunk.
+
+    Two code-point tables are allocated once per pass: allocating and clearing 0x110000 entries
+    per chunk cost more than the chunk's own arithmetic.
+    """
+
+    def __init__(self) -> None:
+        import numpy as np
+
+        self.present = np.zeros(0x110000, dtype=np.bool_)
+        self.ids = np.zeros(0x110000, dtype=np.int64)
+
+    def __call__(self, codes: Any) -> tuple[Any, int]:
+        """``(id of each code, number of distinct codes)``."""
+        import numpy as np
+
+        self.present[codes] = True
+        distinct = np.flatnonzero(self.present)
+        self.present[distinct] = False  # clean for the next chunk
+        self.ids[distinct] = np.arange(1, len(distinct) + 1, dtype=np.int64)
+        return self.ids[codes], len(distinct)
+
+
+def _chunk_grams(hyps: Sequence[str], refs: Sequence[str], top: int, char_ids: _CharIds | None = None,
+                 with_pairs: bool = True) -> dict[int, _Grams] | None:
+    """:class:`_Grams` of n = 1..``top`` for the pairs ``zip(hyps, refs)``; ``None`` when keys would not fit.
+
+    ``with_pairs=False`` leaves :attr:`_Grams.pair` ``None`` (BLEU sums over all pairs and does not need it).
+    """
     import numpy as np
 
+    pairs = len(hyps)
     texts = [*hyps, *refs]
     # One code point per character ("surrogatepass": a lone surrogate from JSON is a character too)
     codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    chars, distinct = (char_ids or _CharIds())(codes)
+    bits = distinct.bit_length()  # ids 1..distinct: 0 stays free for "past the end"
+    if (pairs - 1).bit_length() + top * bits + 1 > _KEY_BITS:
+        return None
+    size = len(codes)
+    if not size:
+        return {n: _Grams(*(np.zeros(0, dtype=np.int64),) * 3) for n in range(1, top + 1)}
     lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
-    # Dense ids of the characters present (a few thousand), so that four of them fit in a key
-    present = np.zeros(0x110000, dtype=np.int64)
-    present[codes] = 1
-    dense = np.cumsum(present) - 1
-    chars = dense[codes]
-    text_of = np.repeat(np.arange(len(texts), dtype=np.int64), lengths)
     ends = np.cumsum(lengths)
-    left = np.repeat(ends, lengths) - np.arange(len(codes), dtype=np.int64)
-    return _Chunk(chars, max(1, int(dense[-1]).bit_length()), text_of % len(hyps),
-                  (text_of >= len(hyps)).astype(np.int64), left, len(hyps))
-
-
-def _gram_keys(chunk: _Chunk, top: int, compress: bool = True) -> Iterator[tuple[int, Any, Any, int | None]]:
-    """``(n, keys, valid, pair_shift)`` for n = 1..``top``.
-
-    ``keys[i]`` identifies (pair, the n characters from position i); only positions where
-    ``valid`` is true have n characters left in their text. While the key is the pair index above
-    n char ids, ``pair_shift`` is the shift that recovers the pair; when a key would outgrow
-    :data:`_KEY_BITS` it is first renumbered (``np.unique``: equal keys stay equal, different
-    ones different) and ``pair_shift`` is ``None`` -- or, with ``compress=False``, the keys stop.
-    """
-    import numpy as np
-
-    bits = chunk.char_bits
-    width = max(1, (chunk.pairs - 1).bit_length()) + bits
-    if width > _KEY_BITS:
-        return
-    keys, pair_shift = (chunk.pair << bits) | chunk.chars, bits
+    keys = np.repeat(np.tile(np.arange(pairs, dtype=np.int64), 2), lengths)  # the pair
+    mask = (1 << bits) - 1
+    for j in range(top):
+        keys <<= bits
+        if j < size:
+            keys[: size - j] |= chars[j:]
+        if j:
+            # the j-th next character of the last j characters of a text lies past its end (in the
+            # next text, or beyond the array): 0
+            past = np.concatenate([(ends - 1 - t)[lengths > t] for t in range(j)])
+            keys[past] &= ~mask
+    keys <<= 1
+    keys[int(ends[pairs - 1]):] |= 1  # the side: references follow the hypotheses
+    keys.sort()
+    # occurrences in a reference among the first i sorted entries
+    ref_before = np.concatenate(([0], np.cumsum(keys & 1)))
+    grams: dict[int, _Grams] = {}
     for n in range(1, top + 1):
-        if n > 1:
-            if width + bits > _KEY_BITS:
-                if not compress:
-                    return
-                _, keys = np.unique(keys, return_inverse=True)
-                keys = keys.astype(np.int64).reshape(-1)
-                width, pair_shift = max(1, int(keys.max(initial=0)).bit_length()), None
-            # the n-gram at i is the (n-1)-gram at i followed by the character at i + n - 1
-            keys = (keys[:-1] << bits) | chunk.chars[n - 1:]
-            width += bits
-            pair_shift = None if pair_shift is None else pair_shift + bits
-        yield n, keys, chunk.left[: len(keys)] >= n, pair_shift
+        prefix = keys >> (1 + bits * (top - n))
+        starts = np.concatenate(([0], np.flatnonzero(prefix[1:] != prefix[:-1]) + 1))
+        stops = np.append(starts[1:], size)
+        first = prefix[starts]
+        # A run is one n-gram of one pair; its n-th character is 0 (for all its entries alike) when
+        # the n-gram runs past the end of its text, and then it is no n-gram.
+        valid = (first & mask) != 0
+        starts, stops = starts[valid], stops[valid]
+        in_ref = ref_before[stops] - ref_before[starts]
+        grams[n] = _Grams(first[valid] >> (bits * n) if with_pairs else None, stops - starts - in_ref, in_ref)
+    return grams
 
 
-def _distinct(keys: Any, side: Any) -> tuple[Any, Any]:
-    """Sorted distinct values of ``keys << 1 | side`` and how often each occurs.
+def _grams_by_chunk(hyps: Sequence[str], refs: Sequence[str], top: int, with_pairs: bool = True,
+                    ) -> Iterator[tuple[int, int, dict[int, _Grams] | None]]:
+    """``(start, stop, grams)`` over chunks of pairs, in pair order.
 
-    Sorted, a key found in both texts of its pair is a hypothesis entry (side 0) directly
-    followed by a reference entry (side 1) with the same key.
+    ``grams`` is ``None`` for a single pair whose keys do not fit (tens of thousands of distinct
+    characters), which the caller counts in Python.
     """
-    import numpy as np
-
-    tagged = np.sort((keys << 1) | side)
-    if not tagged.size:
-        return tagged, tagged
-    starts = np.flatnonzero(np.concatenate(([True], tagged[1:] != tagged[:-1])))
-    return tagged[starts], np.diff(np.append(starts, tagged.size))
+    char_ids = _CharIds()
+    todo = [(s, min(s + _CHUNK_PAIRS, len(hyps))) for s in range(0, len(hyps), _CHUNK_PAIRS)]
+    todo.reverse()
+    while todo:
+        start, stop = todo.pop()
+        grams = _chunk_grams(hyps[start:stop], refs[start:stop], top, char_ids, with_pairs)
+        if grams is None and stop - start > 1:
+            mid = (start + stop) // 2
+            todo += [(mid, stop), (start, mid)]  # the first half next: pairs stay in order
+            continue
+        yield start, stop, grams
 
 
 def _char_bleu_statistics(hyps: Sequence[str], refs: Sequence[str], top: int) -> tuple[list[int], list[int], int, int]:
@@ -326,14 +385,15 @@ def _char_bleu_statistics(hyps: Sequence[str], refs: Sequence[str], top: int) ->
     sys_len, ref_len = sum(map(len, hyps)), sum(map(len, refs))
     for k in range(1, top + 1):
         total[k - 1] = sum(len(h) - k + 1 for h in hyps if len(h) >= k)
-    for start in range(0, len(hyps), _CHUNK_PAIRS):
-        chunk = _chunk(hyps[start: start + _CHUNK_PAIRS], refs[start: start + _CHUNK_PAIRS])
-        for n, keys, valid, _ in _gram_keys(chunk, top):
-            values, counts = _distinct(keys[valid], chunk.side[: len(keys)][valid])
-            both = (values[:-1] >> 1) == (values[1:] >> 1)
+    for start, _stop, grams in _grams_by_chunk(hyps, refs, top, with_pairs=False):
+        if grams is None:
+            correct = [c + d for c, d in zip(correct, _token_bleu_statistics(
+                [tuple(hyps[start])], [tuple(refs[start])], top)[0], strict=True)]
+            continue
+        for n, g in grams.items():
             # clipped matches: an n-gram counts as often as it occurs in the hypothesis, at most
             # as often as in the reference
-            correct[n - 1] += int(np.minimum(counts[:-1][both], counts[1:][both]).sum())
+            correct[n - 1] += int(np.minimum(g.hyp, g.ref).sum())
     return correct, total, sys_len, ref_len
 
 
@@ -383,29 +443,27 @@ def _rouge_n_f(h: set, r: set) -> float:
 def _rouge_n_scores(hyps: Sequence[str], refs: Sequence[str], orders: Sequence[int]) -> dict[int, list[float]]:
     """Per-pair ROUGE-N F of each order, for texts already mapped by :func:`_rouge_string`.
 
-    A chunk of pairs at a time in numpy: |H|, |R| and |H ∩ R| are counted from the distinct keys
-    of :func:`_gram_keys`; the F formula then runs element-wise in float64 in the order of
-    :func:`_rouge_n_f` (the same IEEE operations, so the same bits).
+    A chunk of pairs at a time in numpy: |H|, |R| and |H ∩ R| are counted from the distinct
+    n-grams of :func:`_chunk_grams`; the F formula then runs element-wise in float64 in the order
+    of :func:`_rouge_n_f` (the same IEEE operations, so the same bits).
     """
     import numpy as np
 
     scores: dict[int, list[float]] = {n: [] for n in orders}
-    for start in range(0, len(hyps), _CHUNK_PAIRS):
-        h_part, r_part = hyps[start: start + _CHUNK_PAIRS], refs[start: start + _CHUNK_PAIRS]
-        chunk = _chunk(h_part, r_part)
-        grams = {g[0]: g for g in _gram_keys(chunk, max(orders), compress=False)}
+    for start, stop, grams in _grams_by_chunk(hyps, refs, max(orders)):
+        if grams is None:  # one pair with too many distinct characters for a key
+            for n in orders:
+                scores[n].append(_rouge_n_f(_ngram_set(hyps[start], n), _ngram_set(refs[start], n)))
+            continue
+        pairs = stop - start
         for n in orders:
-            if n not in grams:  # keys too wide for this chunk (tens of thousands of distinct characters)
-                scores[n] += [_rouge_n_f(_ngram_set(h, n), _ngram_set(r, n)) for h, r in zip(h_part, r_part, strict=True)]
-                continue
-            _, keys, valid, pair_shift = grams[n]
-            values, _ = _distinct(keys[valid], chunk.side[: len(keys)][valid])
-            pair, side = values >> (pair_shift + 1), values & 1
-            n_h = np.bincount(pair[side == 0], minlength=chunk.pairs)
-            n_r = np.bincount(pair[side == 1], minlength=chunk.pairs)
-            overlap = np.bincount(pair[:-1][(values[:-1] >> 1) == (values[1:] >> 1)], minlength=chunk.pairs)
-            p = np.divide(overlap, n_h, out=np.zeros(chunk.pairs), where=n_h > 0)
-            rc = np.divide(overlap, n_r, out=np.zeros(chunk.pairs), where=n_r > 0)
+            g = grams[n]
+            in_h, in_r = g.hyp > 0, g.ref > 0
+            n_h = np.bincount(g.pair[in_h], minlength=pairs)
+            n_r = np.bincount(g.pair[in_r], minlength=pairs)
+            overlap = np.bincount(g.pair[in_h & in_r], minlength=pairs)
+            p = np.divide(overlap, n_h, out=np.zeros(pairs), where=n_h > 0)
+            rc = np.divide(overlap, n_r, out=np.zeros(pairs), where=n_r > 0)
             scores[n] += (2 * p * rc / (p + rc + 1e-8)).tolist()
     return scores
 
@@ -446,8 +504,8 @@ def _lcs_length(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
         return 0
     masks: dict[Hashable, int] = {}
     get = masks.get
-    for i, tok in enumerate(a):
-        masks[tok] = get(tok, 0) | (1 << i)
+    for tok, bit in zip(a, _bits(len(a)), strict=False):  # zip stops at the end of a
+        masks[tok] = get(tok, 0) | bit
     full = (1 << len(a)) - 1
     v = full
     for mask in map(get, b):
@@ -457,6 +515,60 @@ def _lcs_length(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
             # ones counted, do not depend on the bits above them.
             v = (v + u) | (v - u)
     return len(a) - (v & full).bit_count()
+
+
+_BITS: list[int] = []
+"""``_BITS[i] == 1 << i``, grown as needed: the masks are built without a shift per character."""
+
+
+def _bits(n: int) -> list[int]:
+    if len(_BITS) < n:
+        _BITS.extend(1 << i for i in range(len(_BITS), n))
+    return _BITS
+
+
+def _masks(a: str) -> dict[str, int]:
+    """Character → the bit mask of its positions in ``a`` (bit i for ``a[i]``)."""
+    masks: dict[str, int] = {}
+    get = masks.get
+    for char, bit in zip(a, _bits(len(a)), strict=False):  # zip stops at the end of a
+        masks[char] = get(char, 0) | bit
+    return masks
+
+
+def _lcs_with_masks(n: int, masks: dict[str, int], b: str) -> int:
+    """LCS length of a text of ``n`` characters with the masks ``masks`` and ``b`` (see :func:`_lcs_length`)."""
+    full = (1 << n) - 1
+    v = full
+    for mask in map(masks.get, b):
+        if mask:
+            u = v & mask
+            v = (v + u) | (v - u)
+    return n - (v & full).bit_count()
+
+
+def _lcs_lengths(refs: Sequence[str], hyps: Sequence[str]) -> list[int]:
+    """``[_lcs_length(r, h) for r, h in zip(refs, hyps)]`` for character strings.
+
+    Building a text's masks costs about as much as the LCS loop over the other text. A reference
+    that several pairs share (a question evaluated more than once, several samples or checkpoints
+    in one file) gets its masks built once: its pairs are taken together, the bit vector over the
+    reference and the loop over each hypothesis (the LCS is symmetric, and the bit-parallel
+    recurrence is exact with the bits over either text). Taken reference by reference, only one
+    reference's masks are held at a time. Other pairs run :func:`_lcs_length` as before.
+    """
+    lengths = [0] * len(refs)
+    by_ref: dict[str, list[int]] = {}
+    for i, ref in enumerate(refs):
+        by_ref.setdefault(ref, []).append(i)
+    for ref, indices in by_ref.items():
+        if len(indices) == 1:
+            lengths[indices[0]] = _lcs_length(ref, hyps[indices[0]])
+            continue
+        masks = _masks(ref)
+        for i in indices:
+            lengths[i] = _lcs_with_masks(len(ref), masks, hyps[i])
+    return lengths
 
 
 def rouge_l(hyps: list[str], refs: list[str]) -> float:
@@ -470,10 +582,9 @@ def rouge_l(hyps: list[str], refs: list[str]) -> float:
         ValueError: On a length mismatch, no pairs, or an empty reference.
     """
     _check_pairs(hyps, refs)
+    hyps, refs = [_rouge_string(h) for h in hyps], [_rouge_string(r) for r in refs]
     total = 0.0
-    for hyp, ref in zip(hyps, refs, strict=True):
-        h, r = _rouge_string(hyp), _rouge_string(ref)
-        lcs = _lcs_length(r, h)
+    for h, r, lcs in zip(hyps, refs, _lcs_lengths(refs, hyps), strict=True):
         if lcs == 0:
             continue  # F = 0 (also covers the empty hypothesis)
         rc, p = lcs / len(r), lcs / len(h)
