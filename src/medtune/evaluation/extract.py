@@ -1040,7 +1040,10 @@ def _statements(text: str, ctx: _Context, judged: set[int]) -> list[_Statement]:
         found[p] = _Statement(_order(letters, ctx), p, end, final, hedge, by_text=group is None, firm=firm,
                               strong=strong)
     lead = _LEADING_RE.match(text).end()
-    if lead not in found and lead not in judged and not _per_option_lines(text, lead, ctx):
+    # (a text that does not start with a bracket or an option letter has no leading group: checked
+    # first, it spares the scan of _per_option_lines on most texts)
+    if (lead not in found and lead not in judged and _starts(text[lead: lead + 1], ctx) & _GROUP_START
+            and not _per_option_lines(text, lead, ctx)):
         group = _read_group(text, lead, ctx.keyset, leading=True)
         if group is not None and not group.negated:
             hedge = group.alt or _is_all(group.letters, ctx)
