@@ -331,6 +331,23 @@ def test_decoding_lm_head_follows_a_changed_weight_and_leaves_gradients_to_f_lin
     assert head.weight.grad is not None and torch.equal(head.weight.grad, x.sum(0).expand(500, 32))
 
 
+def test_decoding_lm_head_falls_back_where_mkl_cannot_pack(monkeypatch):
+    from medtune.inference import lm_head
+
+    def cannot_pack(*args):
+        raise RuntimeError("no packing on this CPU")
+
+    monkeypatch.setattr(lm_head, "mkl_packing_available", lambda: True)
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_reorder_linear_weight", cannot_pack, raising=False)
+    head = torch.nn.Linear(32, 500, bias=True)
+    assert lm_head.use_decoding_lm_head(_Headed(head))
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight, head.bias),
+                                   rtol=1e-5, atol=1e-5)
+    assert head._medtune_packed.refused
+
+
 def test_decoding_lm_head_leaves_large_heads_unpacked(monkeypatch):
     from medtune.inference import lm_head
 

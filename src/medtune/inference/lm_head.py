@@ -69,7 +69,11 @@ class _Packed:
                     self.refused = True
                     return None
                 self.packed = None  # free the stale copy before making the new one
-                self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT)
+                try:
+                    self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT)
+                except RuntimeError:  # an MKL that cannot pack on this CPU: the weight-first product is exact too
+                    self.refused = True
+                    return None
                 self.key = key
             return self.packed
 
