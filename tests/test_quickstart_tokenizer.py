@@ -73,3 +73,40 @@ def test_quickstart_with_a_real_tokenizer_prints_its_token_counts(tmp_path, monk
     assert f"building the tiny model (random weights, the real {qwen25_tokenizer_dir} tokenizer)" in out
     assert "tokenizer (151,665 tokens): a question with its options is " in out
     assert "of 48 training questions exceed data.max_length=128: " in out
+
+
+def test_quickstart_rerun_over_a_run_with_other_settings_is_refused_then_overwritten(tmp_path, monkeypatch):
+    """A quickstart folder left by an older medtune (other defaults): refused with the way out, then --overwrite."""
+    import yaml
+
+    import medtune.quickstart
+    from medtune.cli import main
+    from medtune.config import load_config
+    from medtune.quickstart import config_path
+    from medtune.train.common import RunDirError, _overwrite_requested
+
+    old = load_config(config_path("quickstart"), [f"train.output_dir={tmp_path / 'sft-lora'}", "adapter.r=4"])
+    (tmp_path / "sft-lora").mkdir()
+    (tmp_path / "sft-lora" / "config.yaml").write_text(yaml.safe_dump(old.to_dict()), encoding="utf-8")
+    with pytest.raises(RunDirError, match=r"different config \(.*adapter\.r: 4 → 8.*\).*"
+                                          rf"rerun with: medtune quickstart --out {tmp_path} --overwrite"):
+        medtune.quickstart.run_quickstart(tmp_path)
+
+    def stop(cfg):  # training would start over: the old run is to be replaced, not compared
+        raise _Stop(_overwrite_requested(tmp_path / "sft-lora"))
+
+    monkeypatch.setattr(medtune.quickstart.sft, "run", stop)
+    with pytest.raises(_Stop) as stopped:
+        medtune.quickstart.run_quickstart(tmp_path, overwrite=True)
+    assert stopped.value.args[0] is True
+    seen = {}
+
+    def fake(out, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(medtune.quickstart, "run_quickstart", fake)
+    for argv, wanted in ((["quickstart", "--out", "unused"], False), (["quickstart", "--overwrite"], True)):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert seen["overwrite"] is wanted

@@ -591,7 +591,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from medtune.quickstart import run_quickstart
     from medtune.report.markdown import load_eval, results_table
 
-    res = run_quickstart(args.out, n_train=args.n_train, overrides=args.overrides, tokenizer=args.tokenizer)
+    res = run_quickstart(args.out, n_train=args.n_train, overrides=args.overrides, tokenizer=args.tokenizer,
+                         overwrite=args.overwrite)
     order = ["base-seen", "tuned-seen", "base-heldout", "tuned-heldout"]
     print()
     print(results_table([load_eval(res.eval_dirs[k]) for k in order], paper=False))
@@ -867,6 +868,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tokenizer", default="ours", choices=list(TOKENIZERS),
                    help="ours: a small BPE trained on the sample (fast); qwen2.5 or deepseek: a real vocabulary, "
                         "built offline, to see real token counts and truncation (slower to train)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="start over when OUT holds a fine-tuning run or predictions made with other settings "
+                        "(e.g. left by an older medtune) instead of refusing")
     q.add_argument("overrides", nargs="*", help="key=value overrides for the training config")
     q.set_defaults(func=cmd_quickstart)
 

@@ -8,6 +8,7 @@ model trained on a few dozen questions stays near chance), before and after fine
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -56,6 +57,7 @@ def run_quickstart(
     overrides: list[str] | None = None,
     max_new_tokens: int = 48,
     tokenizer: str = "ours",
+    overwrite: bool = False,
 ) -> QuickstartResult:
     """Run the whole loop; returns paths. ``overrides`` go to the training config.
 
@@ -96,7 +98,15 @@ def run_quickstart(
     summary = token_summary(train, get_template(cfg.data.template), load_tokenizer(str(model_dir)), cfg.data.max_length)
     print(format_token_summary(summary, tokenizer))
     print(f"[3/5] fine-tuning with LoRA on {len(train)} questions")
-    run_dir = sft.run(cfg)
+    from medtune.train.common import RunDirError, overwriting
+
+    try:
+        with overwriting(cfg.train.output_dir) if overwrite else contextlib.nullcontext():
+            run_dir = sft.run(cfg)
+    except RunDirError as exc:
+        # e.g. a quickstart run left by an older medtune whose defaults differ: say how to rerun
+        # this command, not which config key to change
+        raise RunDirError(f"{exc} (or rerun with: medtune quickstart --out {out} --overwrite)") from exc
 
     # ---- predict: base and tuned model, on seen and held-out questions --------------------------------
     print("[4/5] predicting (base model = before, tuned model = after)")
@@ -115,7 +125,7 @@ def run_quickstart(
             label = f"{model_name}-{set_name}"
             pred_path = out / "predictions" / f"{label}.jsonl"
             predict(records, backend, art.template, pred_path, params, batch_size=16, tokenizer=tokenizer,
-                    source=source)
+                    source=source, overwrite=overwrite)
             eval_dirs[label] = out / "eval" / label
 
     # ---- evaluate + report ------------------------------------------------------------------------------
