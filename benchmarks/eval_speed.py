@@ -55,25 +55,23 @@ def main() -> None:
     # warm-up, not timed: first calls pay one-off costs
     evaluate_loglik(qs[:16], HFBackend(model, tokenizer), tokenizer, template, work / "warm", batch_size=args.batch_size)
 
-    start = time.perf_counter()
-    predict(qs, HFBackend(model, tokenizer), template, work / "pred.jsonl",
-            GenerationParams(max_new_tokens=args.max_new_tokens), batch_size=args.batch_size,
-            tokenizer=tokenizer, progress=False)
-    evaluate(work / "pred.jsonl", work / "eval-gen")
-    gen = len(qs) / (time.perf_counter() - start)
+    def generation_rate(gen_model, name: str) -> float:
+        """Questions/s of generate + parse + score, as `medtune predict` then `evaluate`."""
+        start = time.perf_counter()
+        predict(qs, HFBackend(gen_model, tokenizer), template, work / f"{name}.jsonl",
+                GenerationParams(max_new_tokens=args.max_new_tokens), batch_size=args.batch_size,
+                tokenizer=tokenizer, progress=False)
+        evaluate(work / f"{name}.jsonl", work / f"eval-{name}")
+        return len(qs) / (time.perf_counter() - start)
 
+    gen = generation_rate(model, "pred")
     # the same generation with the model as `medtune predict` loads it (load_backend): its LM head
     # computed for decoding steps as inference/lm_head.py does
     from medtune.inference.lm_head import use_decoding_lm_head
 
     served, _ = load_for_inference(str(model_dir), dtype="float32")
     decoding_head = use_decoding_lm_head(served)
-    start = time.perf_counter()
-    predict(qs, HFBackend(served, tokenizer), template, work / "pred-served.jsonl",
-            GenerationParams(max_new_tokens=args.max_new_tokens), batch_size=args.batch_size,
-            tokenizer=tokenizer, progress=False)
-    evaluate(work / "pred-served.jsonl", work / "eval-gen-served")
-    gen_served = len(qs) / (time.perf_counter() - start)
+    gen_served = generation_rate(served, "pred-served")
     del served
 
     start = time.perf_counter()
