@@ -110,3 +110,35 @@ def test_quickstart_rerun_over_a_run_with_other_settings_is_refused_then_overwri
         with pytest.raises(SystemExit):
             main(argv)
         assert seen["overwrite"] is wanted
+
+
+def test_quickstart_overwrite_reaches_predictions_made_with_other_settings(tmp_path, monkeypatch):
+    """Predictions left with other settings are refused on a rerun; --overwrite predicts them again."""
+    import json
+    from types import SimpleNamespace
+
+    import medtune.quickstart
+    from medtune.inference.predict import PredictionFileError
+    from medtune.inference.predict import predict as real_predict
+    from medtune.templates import get_template
+
+    # training is not what this checks: the "tuned" model is the tiny base model itself
+    monkeypatch.setattr(medtune.quickstart.sft, "run", lambda cfg: tmp_path / "sft-lora")
+    monkeypatch.setattr(medtune.quickstart, "resolve_run", lambda run_dir: SimpleNamespace(
+        model_path=str(tmp_path / "tiny-model"), adapter_path=None, merge_first=[], template=get_template("qa")))
+
+    def first_predict_only(*args, **kwargs):
+        real_predict(*args, **kwargs)
+        raise _Stop(kwargs.get("overwrite"))
+
+    monkeypatch.setattr(medtune.quickstart, "predict", first_predict_only)
+    with pytest.raises(_Stop):
+        medtune.quickstart.run_quickstart(tmp_path, max_new_tokens=2)  # the older settings
+    meta = tmp_path / "predictions" / "base-seen.meta.json"
+    assert json.loads(meta.read_text())["generation"]["max_new_tokens"] == 2
+    with pytest.raises(PredictionFileError, match="max_new_tokens"):
+        medtune.quickstart.run_quickstart(tmp_path, max_new_tokens=3)
+    with pytest.raises(_Stop) as stopped:
+        medtune.quickstart.run_quickstart(tmp_path, max_new_tokens=3, overwrite=True)
+    assert stopped.value.args[0] is True
+    assert json.loads(meta.read_text())["generation"]["max_new_tokens"] == 3
