@@ -195,6 +195,23 @@ def test_linear_cross_entropy_in_pieces_equals_the_whole(chunk):
         assert linear_cross_entropy_sum(hidden, head, targets, chunk).item() == pytest.approx(want.item() / 0.37, rel=1e-6)
 
 
+def test_linear_cross_entropy_under_autocast_computes_the_head_in_bf16():
+    """Symptom: the reused fp32 logits buffer (an out= product, which autocast skips) made the head fp32 under bf16."""
+    from medtune.train.label_head import linear_cross_entropy_sum
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 300)
+    hidden, targets = torch.randn(40, 64), torch.randint(0, 300, (40,))
+    with torch.no_grad():
+        fp32 = linear_cross_entropy_sum(hidden, head, targets, 16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = linear_cross_entropy_sum(hidden, head, targets, 16)
+            bf16_logits = head(hidden).float()  # autocast's product: bf16, read in fp32
+    want = torch.nn.functional.cross_entropy(bf16_logits, targets, reduction="sum")
+    assert got.dtype == torch.float32 and got.item() != fp32.item()
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_trainer_applies_the_runs_mixed_precision(lora_model, tmp_path, bf16):
     """Symptom: train.bf16=true gave a bit-identical fp32 loss: accelerate autocasts model.forward, which this path skips."""
