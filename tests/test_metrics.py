@@ -288,21 +288,6 @@ def test_streamed_bleu_jieba_equals_sacrebleu_on_jieba_words():
 # per-pair fallback included.
 
 
-def _reference_char_bleu_statistics(hyps, refs, top):
-    correct, total, sys_len, ref_len = [0] * top, [0] * top, 0, 0
-    for hyp, ref in zip(hyps, refs, strict=True):
-        h, r = "".join(hyp.split()), "".join(ref.split())
-        sys_len, ref_len = sys_len + len(h), ref_len + len(r)
-        for k in range(1, top + 1):
-            if len(h) < k:
-                break
-            h_grams = Counter(zip(*(h[i:] for i in range(k)), strict=False))
-            r_grams = Counter(zip(*(r[i:] for i in range(k)), strict=False))
-            total[k - 1] += len(h) - k + 1
-            correct[k - 1] += sum(min(c, r_grams[g]) for g, c in h_grams.items())
-    return correct, total, sys_len, ref_len
-
-
 def _lcs_dp(a, b) -> int:
     """Longest common subsequence by textbook dynamic programming (the oracle for the fast LCS)."""
     prev = [0] * (len(b) + 1)
@@ -376,13 +361,15 @@ def test_vectorised_counting_equals_the_per_pair_implementation(monkeypatch, see
     """Small chunks cut pairs across chunk boundaries; 22-bit keys make chunks split in halves, 9-bit
     keys leave single pairs to the per-pair fallback (BLEU and ROUGE-N)."""
     from medtune.evaluation import metrics
-    from medtune.evaluation.metrics import _char_bleu_statistics
+    from medtune.evaluation.metrics import _char_bleu_statistics, _token_bleu_statistics
 
     monkeypatch.setattr(metrics, "_CHUNK_PAIRS", chunk_pairs)
     monkeypatch.setattr(metrics, "_KEY_BITS", key_bits)
     hyps, refs = _random_pairs(seed)
     stripped = ["".join(t.split()) for t in hyps], ["".join(t.split()) for t in refs]
-    assert _char_bleu_statistics(*stripped, 4) == _reference_char_bleu_statistics(hyps, refs, 4)
+    # the oracle: the per-pair Counter code (itself checked against sacrebleu above), one token per character
+    assert _char_bleu_statistics(*stripped, 4) == _token_bleu_statistics([list(t) for t in stripped[0]],
+                                                                         [list(t) for t in stripped[1]], 4)
     for n in (1, 2, 3):
         assert rouge_n(hyps, refs, n) == _reference_rouge_n(hyps, refs, n)
     assert rouge_l(hyps, refs) == _reference_rouge_l(hyps, refs)
