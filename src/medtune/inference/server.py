@@ -20,8 +20,8 @@ Generation never runs on the event loop: backend calls go to worker threads, at 
 ``max_concurrency`` at a time, and at most ``max_queue`` requests are admitted (running plus
 waiting). Non-streamed requests that wait for the model are generated together, up to
 ``max_batch_size`` with the same decoding settings in one batched call
-(:mod:`medtune.inference.batching`); streamed ones run one by one. Anything beyond that is answered 429 at once instead of piling up, so a client can back
-off and retry. Every error is returned in OpenAI's shape
+(:mod:`medtune.inference.batching`); streamed ones run one by one. Anything beyond the queue is
+answered 429 at once instead of piling up, so a client can back off and retry. Every error is returned in OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``.
 
 Without an API key, a web page the user visits could still reach a local server: by DNS
